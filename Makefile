@@ -1,0 +1,53 @@
+# Meshway: every target sets up what it needs, idempotently, on a fresh Debian machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# The venv is rebuilt when pyproject.toml changes.
+DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
+APT_STAMP := .stamp-apt
+
+.PHONY: all setup apt demo test lint fmt proto bench clean
+
+all: test
+
+apt: $(APT_STAMP)
+$(APT_STAMP): scripts/apt-deps.sh
+	bash scripts/apt-deps.sh
+	@touch $@
+
+$(DEPS_STAMP): pyproject.toml | apt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Meshway needs Python >= 3.11"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.deps-*
+	@touch $@
+
+setup: $(DEPS_STAMP)
+
+proto: setup
+	$(PY) scripts/genproto.py
+
+lint: setup
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/mypy
+	$(PY) scripts/genproto.py --check
+
+fmt: setup
+	$(BIN)/ruff format src tests bench scripts
+	$(BIN)/ruff check --fix src tests bench scripts
+
+test: setup lint
+	$(BIN)/pytest
+
+demo: setup
+	$(PY) scripts/demo.py
+
+bench: setup
+	$(PY) bench/controlplane_scale.py
+
+clean:
+	rm -rf $(VENV) .state $(APT_STAMP) build dist src/*.egg-info
