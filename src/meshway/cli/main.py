@@ -1,0 +1,421 @@
+"""The `meshway` command.
+
+Exit codes: 0 success; 1 the control plane refused (invalid config, not found, denied);
+2 bad usage; 3 the control plane could not be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from meshway import __version__
+from meshway.cli.client import ApiError, ControlPlaneClient, Unreachable, default_state_dir
+
+app = typer.Typer(
+    name="meshway",
+    help="Meshway: a sidecarless service mesh.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+node_app = typer.Typer(help="Node membership.", no_args_is_help=True)
+cert_app = typer.Typer(help="Workload certificates.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+app.add_typer(cert_app, name="cert")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ServerOpt = Annotated[
+    str | None, typer.Option("--server", envvar="MESHWAY_SERVER", help="Admin API URL.")
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="MESHWAY_TOKEN", help="Admin token.", show_default=False)
+]
+FilesOpt = Annotated[list[Path], typer.Option("-f", "--filename", help="A YAML file or directory.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", markup=True)
+    raise typer.Exit(code)
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run an API call, turning its failures into messages and exit codes."""
+    try:
+        result: dict[str, Any] = fn(*args, **kwargs)
+    except Unreachable as exc:
+        _fail(str(exc), 3)
+    except ApiError as exc:
+        issues = exc.body.get("issues")
+        if issues:
+            err.print(f"[red]error:[/red] {exc} ({len(issues)} problem(s)); nothing was changed:")
+            for issue in issues:
+                err.print(f"  {issue['text']}", markup=False)
+            raise typer.Exit(1) from exc
+        _fail(str(exc), 1)
+    return result
+
+
+def _read_sources(files: list[Path]) -> list[tuple[str, str]]:
+    from meshway.config.errors import ConfigError
+    from meshway.config.loader import load_paths
+
+    if not files:
+        _fail("give at least one -f FILE|DIR", 2)
+    try:
+        if files == [Path("-")]:
+            return [("<stdin>", sys.stdin.read())]
+        return load_paths(files)
+    except ConfigError as exc:
+        _fail(str(exc), 1)
+    except OSError as exc:
+        _fail(str(exc), 1)
+
+
+@app.command()
+def version(server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Print the CLI version, and the control plane's when it is reachable."""
+    out.print(f"client: {__version__}")
+    try:
+        info = ControlPlaneClient(server, token).version()
+        out.print(f"control plane: {info['version']} (trust domain {info['trustDomain']})")
+    except (Unreachable, ApiError) as exc:
+        out.print(f"control plane: unreachable ({exc})")
+
+
+@app.command()
+def apply(
+    filename: FilesOpt = [],  # noqa: B006 - typer needs a literal default
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate only.")] = False,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create or update objects from YAML. The whole set is accepted or rejected."""
+    sources = _read_sources(filename)
+    result = _call(ControlPlaneClient(server, token).apply, sources, dry_run)
+    suffix = " (dry run)" if result.get("dryRun") else ""
+    for r in result["results"]:
+        name = f"{r['namespace']}/{r['name']}" if r.get("namespace") else r["name"]
+        out.print(f"{r['kind'].lower()}/{name} {r['outcome']}{suffix}", markup=False)
+
+
+@app.command()
+def delete(
+    args: Annotated[list[str] | None, typer.Argument(help="KIND NAME... (instead of -f)")] = None,
+    filename: FilesOpt = [],  # noqa: B006
+    namespace: Annotated[str, typer.Option("-n", "--namespace")] = "default",
+    ignore_not_found: Annotated[bool, typer.Option("--ignore-not-found")] = False,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete objects named in YAML files, or KIND NAME..."""
+    client = ControlPlaneClient(server, token)
+    if filename:
+        result = _call(client.delete_sources, _read_sources(filename))
+    elif args and len(args) >= 2:
+        kind, names = args[0], args[1:]
+        keys = [{"kind": kind, "namespace": namespace, "name": n} for n in names]
+        result = _call(client.delete_keys, keys)
+    else:
+        _fail("give -f FILE|DIR, or KIND NAME...", 2)
+    for k in result["deleted"]:
+        name = f"{k['namespace']}/{k['name']}" if k["namespace"] else k["name"]
+        out.print(f"{k['kind'].lower()}/{name} deleted", markup=False)
+    for k in result["notFound"]:
+        name = f"{k['namespace']}/{k['name']}" if k["namespace"] else k["name"]
+        err.print(f"{k['kind'].lower()}/{name} not found", markup=False)
+    if result["notFound"] and not ignore_not_found:
+        raise typer.Exit(1)
+
+
+def _age(timestamp: str | None) -> str:
+    if not timestamp:
+        return "-"
+    import calendar
+
+    seconds = int(time.time() - calendar.timegm(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ")))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def _columns(kind: str, obj: dict[str, Any]) -> dict[str, str]:
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    labels = obj["metadata"].get("labels") or {}
+    if kind == "Workload":
+        return {
+            "NODE": spec.get("nodeName", ""),
+            "IP": status.get("podIP", "<pending>"),
+            "SERVICE ACCOUNT": spec.get("serviceAccountName", "default"),
+        }
+    if kind == "Service":
+        ports = ",".join(
+            f"{p['port']}/{p.get('appProtocol') or p.get('protocol', 'TCP')}"
+            for p in spec.get("ports", [])
+        )
+        selector = ",".join(f"{k}={v}" for k, v in (spec.get("selector") or {}).items())
+        return {"CLUSTER-IP": spec.get("clusterIP", ""), "PORTS": ports, "SELECTOR": selector}
+    if kind == "Node":
+        return {"POD-CIDR": status.get("podCIDR", "")}
+    if kind == "Namespace":
+        return {"LABELS": ",".join(f"{k}={v}" for k, v in labels.items())}
+    if kind == "AuthorizationPolicy":
+        target = "selector" if spec.get("selector") else ("targetRefs" if spec.get("targetRefs") or spec.get("targetRef") else "namespace")
+        return {"ACTION": spec.get("action", "ALLOW"), "APPLIES TO": target}
+    if kind == "Gateway":
+        return {"CLASS": spec.get("gatewayClassName", "")}
+    return {}
+
+
+def _print_table(items: list[dict[str, Any]], show_kind: bool) -> None:
+    if not items:
+        err.print("No resources found.")
+        return
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        by_kind.setdefault(item["kind"], []).append(item)
+    for i, (kind, objs) in enumerate(by_kind.items()):
+        if i:
+            out.print()
+        table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+        namespaced = any(o["metadata"].get("namespace") for o in objs)
+        extra = [_columns(kind, o) for o in objs]
+        headers = (["NAMESPACE"] if namespaced else []) + ["NAME"] + list(extra[0]) + ["AGE"]
+        for h in headers:
+            table.add_column(h, no_wrap=True)
+        for obj, cols in zip(objs, extra, strict=True):
+            name = obj["metadata"]["name"]
+            if show_kind:
+                name = f"{kind.lower()}/{name}"
+            row = ([obj["metadata"].get("namespace", "")] if namespaced else []) + [name]
+            row += list(cols.values()) + [_age(obj["metadata"].get("creationTimestamp"))]
+            table.add_row(*row)
+        out.print(table)
+
+
+@app.command()
+def get(
+    kind: Annotated[str, typer.Argument(help="Kind (workloads, svc, ap, ...), or 'all'.")],
+    name: Annotated[str | None, typer.Argument()] = None,
+    namespace: Annotated[str | None, typer.Option("-n", "--namespace")] = None,
+    all_namespaces: Annotated[bool, typer.Option("-A", "--all-namespaces")] = False,
+    output: Annotated[str, typer.Option("-o", "--output", help="table, yaml or json")] = "table",
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """List or show objects."""
+    if output not in ("table", "yaml", "json", "wide"):
+        _fail(f"unknown output format '{output}' (table, yaml, json)", 2)
+    ns = None if all_namespaces else (namespace or "default")
+    client = ControlPlaneClient(server, token)
+    if kind == "all":
+        result = _call(client.list, None, ns, name)
+    else:
+        from meshway.config.model import kind_for
+
+        try:
+            cls = kind_for(kind)
+        except KeyError as exc:
+            _fail(str(exc.args[0]) if exc.args else str(exc), 2)
+        result = _call(client.list, cls.KIND, ns if cls.NAMESPACED else None, name)
+    items = result["items"]
+    if output == "json":
+        out.print_json(json.dumps(items[0] if name and len(items) == 1 else {"items": items}))
+    elif output == "yaml":
+        docs = items if not name else items[:1]
+        out.print(yaml.safe_dump_all(docs, sort_keys=False).rstrip(), markup=False)
+    else:
+        _print_table(items, show_kind=kind == "all")
+
+
+@app.command("proxy-status")
+def proxy_status(server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Each connected proxy and whether it is in sync with the control plane."""
+    result = _call(ControlPlaneClient(server, token).proxies)
+    proxies = result["proxies"]
+    if not proxies:
+        err.print("No proxies connected.")
+        return
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for h in ("PROXY", "NODE", "ADDRESS", "AUTHORIZATION", "VERSION"):
+        table.add_column(h, no_wrap=True)
+    for p in proxies:
+        types = p["types"]
+
+        def cell(suffix: str, types: dict[str, Any] = types) -> str:
+            state = next((v for k, v in types.items() if k.endswith(suffix)), None)
+            if state is None:
+                return "NOT SENT"
+            text = str(state["status"])
+            if state.get("error"):
+                text += f" ({state['error'][:60]})"
+            return text
+
+        acked = {t.get("acked_version") for t in types.values()}
+        table.add_row(
+            p["id"], p["node"], cell(".Address"), cell(".Authorization"), ",".join(sorted(a for a in acked if a))
+        )
+    out.print(table)
+    out.print(f"control plane version: {result['version']}")
+
+
+@node_app.command("join")
+def node_join(
+    name: Annotated[str, typer.Argument(help="Node name.")],
+    output_file: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the credential file here.")
+    ] = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Register a node (if new) and issue it a fresh credential; earlier ones stop working."""
+    result = _call(ControlPlaneClient(server, token).join, name)
+    text = yaml.safe_dump(result, sort_keys=False)
+    if output_file is None:
+        out.print(text.rstrip(), markup=False)
+        return
+    fd = os.open(output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    out.print(f"node/{name} joined; credential written to {output_file}")
+
+
+@cert_app.command("request")
+def cert_request(
+    credentials: Annotated[Path, typer.Option("--credentials", help="From `meshway node join -o`.")],
+    identity: Annotated[str, typer.Option("--identity", help="spiffe://TD/ns/NS/sa/SA")],
+    out_dir: Annotated[Path, typer.Option("--out-dir")] = Path("."),
+    ttl: Annotated[int, typer.Option("--ttl-seconds", help="0: the CA's default")] = 0,
+) -> None:
+    """Generate a key here, send a CSR with a node credential, write key, chain and bundle."""
+    import grpc
+
+    from meshway.identity.caclient import CaClient
+    from meshway.identity.spiffe import SpiffeId
+
+    try:
+        creds = yaml.safe_load(credentials.read_text())
+        spiffe = SpiffeId.parse(identity)
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        _fail(str(exc), 2)
+
+    async def fetch() -> Any:
+        client = CaClient(creds["xdsAddress"], creds["credential"], creds["trustBundle"].encode())
+        try:
+            return await client.fetch(spiffe, timedelta(seconds=ttl) if ttl else None)
+        finally:
+            await client.close()
+
+    try:
+        cert = asyncio.run(fetch())
+    except grpc.aio.AioRpcError as exc:
+        code = 3 if exc.code() is grpc.StatusCode.UNAVAILABLE else 1
+        _fail(f"{exc.code().name}: {exc.details()}", code)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_path = out_dir / "key.pem"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(cert.key_pem)
+    (out_dir / "cert-chain.pem").write_text("".join(cert.cert_chain_pem))
+    (out_dir / "root-cert.pem").write_text("".join(cert.trust_bundle_pem))
+    out.print(f"certificate for {spiffe.uri} written to {out_dir}/{{key,cert-chain,root-cert}}.pem")
+
+
+@app.command()
+def validate(filename: FilesOpt = []) -> None:  # noqa: B006
+    """Check YAML offline against the schema (references are checked by the control plane)."""
+    from meshway.config.errors import ConfigError
+    from meshway.config.loader import parse_sources
+
+    sources = _read_sources(filename)
+    try:
+        objects, _ = parse_sources(sources)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {len(exc.issues)} problem(s):")
+        for issue in exc.issues:
+            err.print(f"  {issue}", markup=False)
+        raise typer.Exit(1) from exc
+    out.print(f"{len(objects)} object(s) valid")
+
+
+@app.command()
+def controlplane(
+    state_dir: Annotated[Path | None, typer.Option(envvar="MESHWAY_STATE_DIR")] = None,
+    grpc_address: Annotated[str, typer.Option("--grpc-address")] = "127.0.0.1:15012",
+    admin_address: Annotated[str, typer.Option("--admin-address")] = "127.0.0.1:15014",
+    trust_domain: Annotated[str, typer.Option()] = "cluster.local",
+    root_namespace: Annotated[str, typer.Option()] = "istio-system",
+    pod_cidr: Annotated[str, typer.Option()] = "10.244.0.0/16",
+    service_cidr: Annotated[str, typer.Option()] = "10.96.0.0/16",
+    node_prefix: Annotated[int, typer.Option(help="Prefix length of each node's pod CIDR.")] = 24,
+    cacerts: Annotated[
+        Path | None, typer.Option(help="Istio cacerts directory (ca-cert.pem, ca-key.pem, ...).")
+    ] = None,
+    extra_root: Annotated[
+        list[Path], typer.Option(help="More trusted roots (root rotation).")
+    ] = [],  # noqa: B006
+    cert_ttl_hours: Annotated[float, typer.Option()] = 24.0,
+    debounce_ms: Annotated[int, typer.Option(help="Quiet time before a push.")] = 50,
+    log_level: Annotated[str, typer.Option()] = "info",
+    apply_file: Annotated[
+        list[Path], typer.Option("--apply", help="Apply these files at start.")
+    ] = [],  # noqa: B006
+) -> None:
+    """Run the control plane: config store, CA, xDS on --grpc-address, admin API."""
+    from meshway.config.errors import ConfigError
+    from meshway.controlplane.server import ControlPlane, ControlPlaneConfig
+    from meshway.identity.ca import CaError
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ControlPlaneConfig(
+        state_dir=state_dir or default_state_dir(),
+        grpc_address=grpc_address,
+        admin_address=admin_address,
+        trust_domain=trust_domain,
+        root_namespace=root_namespace,
+        pod_cidr=pod_cidr,
+        service_cidr=service_cidr,
+        node_prefix=node_prefix,
+        cacerts_dir=cacerts,
+        extra_roots=tuple(extra_root),
+        cert_ttl=timedelta(hours=cert_ttl_hours),
+        debounce_after=debounce_ms / 1000,
+    )
+    try:
+        cp = ControlPlane(config)
+        if apply_file:
+            cp.apply_sources(_read_sources(apply_file))
+    except (CaError, ValueError, ConfigError) as exc:
+        _fail(str(exc), 1)
+    try:
+        import uvloop
+
+        uvloop.run(cp.run())
+    except OSError as exc:
+        _fail(f"cannot start: {exc}", 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

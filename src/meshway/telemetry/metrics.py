@@ -1,0 +1,54 @@
+"""One metrics registry per process role, with the metric names in one place."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.platform_collector import PlatformCollector
+
+
+class ControlPlaneMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.xds_connections = Gauge(
+            "meshway_xds_connected_proxies", "Proxies with an open xDS stream.", registry=r
+        )
+        self.xds_pushes = Counter(
+            "meshway_xds_pushes", "xDS responses sent, by type.", ["type_url"], registry=r
+        )
+        self.xds_push_latency = Histogram(
+            "meshway_xds_push_latency_seconds",
+            "Time from a configuration change to its xDS response being written to a proxy.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.xds_nacks = Counter(
+            "meshway_xds_nacks", "xDS responses rejected by proxies.", ["type_url"], registry=r
+        )
+        self.config_applies = Counter(
+            "meshway_config_applies", "Accepted apply or delete requests.", ["operation"], registry=r
+        )
+        self.config_rejections = Counter(
+            "meshway_config_rejections", "Rejected apply or delete requests.", ["operation"], registry=r
+        )
+        self.config_objects = Gauge(
+            "meshway_config_objects", "Objects in the store, by kind.", ["kind"], registry=r
+        )
+        self.certs_issued = Counter(
+            "meshway_certificates_issued", "Workload certificates signed.", registry=r
+        )
+        self.certs_refused = Counter(
+            "meshway_certificates_refused",
+            "Certificate requests refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+CONTROLPLANE = ControlPlaneMetrics()

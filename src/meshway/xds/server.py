@@ -1,0 +1,317 @@
+"""Incremental (delta) Aggregated Discovery Service.
+
+The server knows nothing of Meshway's configuration: it serves named, versioned resources per
+type URL from a `ResourceCache` that the control plane fills, and it implements the transport
+semantics of the xDS protocol for each connected proxy:
+
+- the first request of a type gets the full state (and removals for names the client claims
+  to have that no longer exist);
+- a change to some resources sends those resources only, to the connections subscribed to them;
+- every response carries a nonce; a request echoing it with no `error_detail` is an ACK, with an
+  `error_detail` a NACK: the NACK is recorded (and shown by syncz), and the rejected versions are
+  not sent again until they change;
+- wildcard and named subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+
+from meshway.telemetry.metrics import CONTROLPLANE
+
+log = logging.getLogger(__name__)
+
+Authenticator = Callable[[grpc.aio.ServicerContext], Awaitable[str]]
+
+
+class SyncStatus(enum.StrEnum):
+    SYNCED = "SYNCED"
+    STALE = "STALE"
+    NACKED = "NACKED"
+    NOT_SENT = "NOT SENT"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResource:
+    """One resource ready for the wire, built once and shared by every connection."""
+
+    name: str
+    version: str
+    proto: discovery_pb2.Resource
+
+    @classmethod
+    def build(cls, name: str, version: str, message: object, type_url: str) -> CachedResource:
+        packed = any_pb2.Any(type_url=type_url, value=message.SerializeToString(deterministic=True))  # type: ignore[attr-defined]
+        return cls(name, version, discovery_pb2.Resource(name=name, version=version, resource=packed))
+
+
+@dataclass(slots=True)
+class Change:
+    """A set of resource changes of one type, pushed together."""
+
+    type_url: str
+    updated: dict[str, CachedResource]
+    removed: set[str]
+    version: str
+    started: float = field(default_factory=time.monotonic)
+
+
+class ResourceCache:
+    """The desired state per type URL, and the fan-out of changes to connections."""
+
+    def __init__(self, type_urls: Iterable[str]) -> None:
+        self.resources: dict[str, dict[str, CachedResource]] = {t: {} for t in type_urls}
+        self.version = "0"
+        self._connections: set[_Connection] = set()
+        self.ready = asyncio.Event()
+
+    def apply(self, changes: Iterable[Change]) -> None:
+        for change in changes:
+            current = self.resources[change.type_url]
+            current.update(change.updated)
+            for name in change.removed:
+                current.pop(name, None)
+            self.version = change.version
+            if change.updated or change.removed:
+                for conn in self._connections:
+                    conn.enqueue(change)
+
+    @property
+    def connections(self) -> set[_Connection]:
+        return self._connections
+
+
+@dataclass(slots=True)
+class _TypeState:
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    # What we sent (whether or not it was ACKed), so a NACKed version is not sent again.
+    sent: dict[str, str] = field(default_factory=dict)
+    acked: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    last_nonce: str = ""
+    last_version: str = ""
+    acked_version: str = ""
+    nacked_version: str = ""
+    error: str = ""
+    status: SyncStatus = SyncStatus.NOT_SENT
+
+    def wants(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
+
+class _Connection:
+    """One proxy's stream: subscriptions, what it has, what it acknowledged."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, node: str, peer: str, cache: ResourceCache) -> None:
+        self.id = f"{node}-{next(self._ids)}"
+        self.node = node
+        self.peer = peer
+        self.connected_at = time.time()
+        self.cache = cache
+        self.types: dict[str, _TypeState] = {}
+        self.outbox: asyncio.Queue[Change | discovery_pb2.DeltaDiscoveryResponse] = asyncio.Queue()
+        self._nonces = itertools.count(1)
+
+    def enqueue(self, change: Change) -> None:
+        if change.type_url in self.types:
+            self.outbox.put_nowait(change)
+
+    def handle_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        type_url = req.type_url
+        if type_url not in self.cache.resources:
+            log.warning("%s asked for unknown type %s", self.id, type_url)
+            return
+        state = self.types.get(type_url)
+        first = state is None
+        if state is None:
+            state = self.types[type_url] = _TypeState()
+            # No names, or "*", on the first request means a wildcard subscription.
+            names = set(req.resource_names_subscribe)
+            state.wildcard = not names or "*" in names
+            state.names = names - {"*"}
+            known = dict(req.initial_resource_versions)
+            self.outbox.put_nowait(self._full_state(type_url, state, known))
+            return
+        if req.response_nonce:
+            self._ack_or_nack(type_url, state, req)
+        subscribe = set(req.resource_names_subscribe)
+        unsubscribe = set(req.resource_names_unsubscribe)
+        if "*" in subscribe:
+            state.wildcard = True
+        if "*" in unsubscribe:
+            state.wildcard = False
+        added = subscribe - {"*"} - state.names
+        state.names |= subscribe - {"*"}
+        state.names -= unsubscribe
+        for name in unsubscribe:
+            state.sent.pop(name, None)
+            state.acked.pop(name, None)
+        if added and not first:
+            have = self.cache.resources[type_url]
+            updated = {n: have[n] for n in added if n in have}
+            missing = {n for n in added if n not in have}
+            self.outbox.put_nowait(Change(type_url, updated, missing, self.cache.version))
+
+    def _full_state(
+        self, type_url: str, state: _TypeState, known: Mapping[str, str]
+    ) -> Change:
+        have = self.cache.resources[type_url]
+        # The client keeps what it had across reconnects: resources at the version it already
+        # holds are not sent again, names it holds that no longer exist are removed.
+        state.sent.update(known)
+        updated = {n: r for n, r in have.items() if state.wants(n)}
+        removed = {n for n in known if n not in have}
+        if not state.wildcard:
+            removed |= {n for n in state.names if n not in have}
+        return Change(type_url, updated, removed, self.cache.version)
+
+    def _ack_or_nack(
+        self, type_url: str, state: _TypeState, req: discovery_pb2.DeltaDiscoveryRequest
+    ) -> None:
+        pending = state.pending.pop(req.response_nonce, None)
+        if pending is None:
+            return  # a stale nonce: the xDS spec says to ignore it
+        version, versions = pending
+        if req.HasField("error_detail"):
+            state.nacked_version = version
+            state.error = req.error_detail.message
+            state.status = SyncStatus.NACKED
+            CONTROLPLANE.xds_nacks.labels(type_url=type_url).inc()
+            log.warning("%s NACKed %s version %s: %s", self.id, type_url, version, state.error)
+        else:
+            state.acked.update(versions)
+            state.acked_version = version
+            if state.status is not SyncStatus.NACKED or version != state.nacked_version:
+                state.error = ""
+                state.status = SyncStatus.SYNCED if not state.pending else SyncStatus.STALE
+
+    def build_response(self, change: Change) -> discovery_pb2.DeltaDiscoveryResponse | None:
+        state = self.types[change.type_url]
+        updated = [
+            r
+            for name, r in change.updated.items()
+            if state.wants(name) and state.sent.get(name) != r.version
+        ]
+        removed = [n for n in change.removed if n in state.sent or (not state.wildcard and n in state.names)]
+        if not updated and not removed:
+            return None
+        nonce = str(next(self._nonces))
+        versions = {r.name: r.version for r in updated}
+        for r in updated:
+            state.sent[r.name] = r.version
+        for name in removed:
+            state.sent.pop(name, None)
+            state.acked.pop(name, None)
+        state.pending[nonce] = (change.version, versions)
+        state.last_nonce = nonce
+        state.last_version = change.version
+        if state.status is not SyncStatus.NACKED:
+            state.status = SyncStatus.STALE
+        return discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=change.version,
+            type_url=change.type_url,
+            resources=[r.proto for r in updated],
+            removed_resources=removed,
+            nonce=nonce,
+        )
+
+    def syncz(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "node": self.node,
+            "peer": self.peer,
+            "connected_at": self.connected_at,
+            "types": {
+                type_url: {
+                    "status": str(state.status),
+                    "sent_version": state.last_version,
+                    "acked_version": state.acked_version,
+                    "nacked_version": state.nacked_version or None,
+                    "error": state.error or None,
+                    "resources": len(state.sent),
+                    "wildcard": state.wildcard,
+                }
+                for type_url, state in self.types.items()
+            },
+        }
+
+
+class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """Delta ADS over gRPC; State-of-the-World streams are refused with UNIMPLEMENTED."""
+
+    def __init__(self, cache: ResourceCache, authenticate: Authenticator) -> None:
+        self.cache = cache
+        self.authenticate = authenticate
+
+    async def StreamAggregatedResources(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Meshway serves incremental xDS only: use DeltaAggregatedResources",
+        )
+
+    async def DeltaAggregatedResources(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        node = await self.authenticate(context)
+        await self.cache.ready.wait()
+        conn = _Connection(node, context.peer(), self.cache)
+        self.cache.connections.add(conn)
+        CONTROLPLANE.xds_connections.inc()
+        log.info("xDS connection %s from %s", conn.id, conn.peer)
+
+        async def read() -> None:
+            async for req in request_iterator:
+                if req.node.id and req.node.id != node:
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"node id '{req.node.id}' does not match the credential of node '{node}'",
+                    )
+                conn.handle_request(req)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                getter = asyncio.ensure_future(conn.outbox.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    reader.result()  # re-raise a reader failure
+                    return
+                item = getter.result()
+                response = item if not isinstance(item, Change) else conn.build_response(item)
+                if response is None:
+                    continue
+                await context.write(response)
+                if isinstance(item, Change):
+                    CONTROLPLANE.xds_pushes.labels(type_url=item.type_url).inc()
+                    CONTROLPLANE.xds_push_latency.observe(time.monotonic() - item.started)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            self.cache.connections.discard(conn)
+            CONTROLPLANE.xds_connections.dec()
+            log.info("xDS connection %s closed", conn.id)
+
+    def syncz(self) -> list[dict[str, object]]:
+        return sorted((c.syncz() for c in self.cache.connections), key=lambda s: str(s["id"]))
