@@ -7,6 +7,7 @@ import os
 import ssl
 import stat
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -267,6 +268,12 @@ def test_root_reused_across_restarts(tmp_path: Path) -> None:
     assert verify_client_chain(second.root_certs, load_chain(issued.cert_chain_pem)) == [WEB.uri]
 
 
+def test_concurrent_first_starts_agree_on_one_root(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        cas = list(pool.map(lambda _: CertificateAuthority.load_or_create(tmp_path, TD), range(8)))
+    assert len({ca.trust_bundle.fingerprints[0] for ca in cas}) == 1
+
+
 def test_existing_ca_dir_is_tightened(tmp_path: Path) -> None:
     (tmp_path / "ca").mkdir(mode=0o755)
     os.chmod(tmp_path / "ca", 0o755)
@@ -517,7 +524,7 @@ def test_serving_certificate(ca: CertificateAuthority) -> None:
     verifier = (
         PolicyBuilder()
         .store(Store(ca.root_certs))
-        .build_server_verifier(x509.verification.DNSName("meshway-cp.local"))
+        .build_server_verifier(x509.DNSName("meshway-cp.local"))
     )
     verifier.verify(leaf, [])
     with pytest.raises(ValueError, match="at least one"):

@@ -296,6 +296,54 @@ def node_join(
     out.print(f"node/{name} joined; credential written to {output_file}")
 
 
+@node_app.command("xds")
+def node_xds(
+    credentials: Annotated[Path, typer.Option("--credentials", help="From `meshway node join -o`.")],
+    follow: Annotated[
+        float, typer.Option("--follow", help="Keep printing updates for this many seconds.")
+    ] = 0.0,
+) -> None:
+    """Connect to the control plane as the node and print what xDS delivers."""
+    from meshway.xds.client import Update, XdsClient
+    from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE, node_proxy_types
+
+    try:
+        creds = yaml.safe_load(credentials.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(str(exc), 2)
+
+    def show(update: Update) -> None:
+        short = update.type_url.rsplit(".", 1)[-1]
+        for name in sorted(update.updated):
+            out.print(f"{short} {name} updated (version {update.version})", markup=False)
+        for name in sorted(update.removed):
+            out.print(f"{short} {name} removed (version {update.version})", markup=False)
+
+    async def run() -> None:
+        client = XdsClient(
+            creds["xdsAddress"],
+            creds["node"],
+            node_proxy_types(),
+            token=creds["credential"],
+            root_certificates=creds["trustBundle"].encode(),
+        )
+        client.start()
+        try:
+            await client.wait_synced(10)
+            for type_url in (ADDRESS_TYPE, AUTHORIZATION_TYPE):
+                n = len(client.snapshot(type_url))
+                out.print(f"{type_url}: {n} resource(s) at version {client.version(type_url)}")
+            if follow > 0:
+                client.subscribe(show)
+                await asyncio.sleep(follow)
+        except TimeoutError:
+            _fail(f"no xDS state within 10 s: {client.last_error or 'no answer'}", 3)
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+
 @cert_app.command("request")
 def cert_request(
     credentials: Annotated[Path, typer.Option("--credentials", help="From `meshway node join -o`.")],

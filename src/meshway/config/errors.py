@@ -48,13 +48,13 @@ class ConfigError(Exception):
 
 
 class FieldError(ValueError):
-    """A validator's complaint about a field below the model that raised it.
+    """A validator's complaint about fields below the model that raised it.
 
-    Pydantic only knows the location of the model whose validator failed; `path` (relative to
-    that model, in YAML field names) lets the loader point at the exact field.
+    Pydantic only knows the location of the model whose validator failed; each problem's path
+    (relative to that model, in YAML field names, "" for the model itself) lets the loader point
+    at the exact field. One error can carry several problems so that none is hidden behind another.
     """
 
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
-        self.message = message
+    def __init__(self, path: str, message: str, *more: tuple[str, str]) -> None:
+        self.problems: list[tuple[str, str]] = [(path, message), *more]
+        super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in self.problems))

@@ -27,10 +27,9 @@ from meshway.config.model import (
 )
 from meshway.config.store import EventType, WatchEvent
 from meshway.xds.server import CachedResource, Change
+from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE, NODE_PROXY_TYPE_URLS
 
-ADDRESS_TYPE = "type.googleapis.com/meshway.api.v1.Address"
-AUTHORIZATION_TYPE = "type.googleapis.com/meshway.api.v1.Authorization"
-NODE_PROXY_TYPES = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
+NODE_PROXY_TYPES = NODE_PROXY_TYPE_URLS
 
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 USE_WAYPOINT = "istio.io/use-waypoint"

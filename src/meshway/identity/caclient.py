@@ -36,7 +36,7 @@ class CaClient:
         return ca_pb2_grpc.CertificateServiceStub(self._channel)
 
     async def fetch(
-        self, identity: SpiffeId, ttl: timedelta | None = None, timeout: float = 10.0
+        self, identity: SpiffeId, ttl: timedelta | None = None, rpc_timeout: float = 10.0
     ) -> WorkloadCertificate:
         key = generate_key()
         request = ca_pb2.CertificateRequest(
@@ -44,7 +44,7 @@ class CaClient:
             validity_duration_seconds=int(ttl.total_seconds()) if ttl else 0,
         )
         response = await self._stub().CreateCertificate(
-            request, metadata=self._metadata, timeout=timeout
+            request, metadata=self._metadata, timeout=rpc_timeout
         )
         return WorkloadCertificate(
             identity, key_to_pem(key), list(response.cert_chain), list(response.trust_bundle)
@@ -52,5 +52,5 @@ class CaClient:
 
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(grace=None)
             self._channel = None
