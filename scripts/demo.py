@@ -66,24 +66,56 @@ def main() -> int:
         certs = work / "certs"
         run(
             [
-                "meshway", "cert", "request", "--credentials", str(creds),
-                "--identity", "spiffe://cluster.local/ns/shop/sa/frontend", "--out-dir", str(certs),
+                "meshway",
+                "cert",
+                "request",
+                "--credentials",
+                str(creds),
+                "--identity",
+                "spiffe://cluster.local/ns/shop/sa/frontend",
+                "--out-dir",
+                str(certs),
             ],
             env,
         )
         run(
-            ["openssl", "x509", "-in", str(certs / "cert-chain.pem"), "-noout", "-subject",
-             "-issuer", "-dates", "-ext", "subjectAltName,extendedKeyUsage"],
+            [
+                "openssl",
+                "x509",
+                "-in",
+                str(certs / "cert-chain.pem"),
+                "-noout",
+                "-subject",
+                "-issuer",
+                "-dates",
+                "-ext",
+                "subjectAltName,extendedKeyUsage",
+            ],
             env,
         )
-        run(["openssl", "verify", "-CAfile", str(certs / "root-cert.pem"),
-             str(certs / "cert-chain.pem")], env)
+        run(
+            [
+                "openssl",
+                "verify",
+                "-CAfile",
+                str(certs / "root-cert.pem"),
+                str(certs / "cert-chain.pem"),
+            ],
+            env,
+        )
 
         step("node-1 may not obtain an identity of a workload scheduled elsewhere")
         run(
             [
-                "meshway", "cert", "request", "--credentials", str(creds),
-                "--identity", "spiffe://cluster.local/ns/shop/sa/backend", "--out-dir", str(certs),
+                "meshway",
+                "cert",
+                "request",
+                "--credentials",
+                str(creds),
+                "--identity",
+                "spiffe://cluster.local/ns/shop/sa/backend",
+                "--out-dir",
+                str(certs),
             ],
             env,
             check=False,

@@ -132,8 +132,10 @@ def test_watch_from_compacted_revision_is_refused(tmp_path: Path) -> None:
 def test_failed_commit_leaves_memory_and_disk_unchanged(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     store.apply([ns("a")])
-    store._db.execute("CREATE TRIGGER boom BEFORE INSERT ON events WHEN NEW.revision = 3 "
-                      "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")
+    store._db.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON events WHEN NEW.revision = 3 "
+        "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+    )
     with pytest.raises(Exception, match="disk trouble"):
         store.apply([ns("b"), ns("c")])
     assert store.revision == 1

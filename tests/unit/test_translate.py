@@ -22,7 +22,9 @@ def obj(kind: str, name: str, namespace: str | None = "shop", **body: Any) -> Re
     meta: dict[str, Any] = {"name": name, **body.pop("metadata", {})}
     if cls.NAMESPACED:
         meta["namespace"] = namespace
-    return cls.model_validate({"apiVersion": cls.API_VERSIONS[0], "kind": kind, "metadata": meta, **body})
+    return cls.model_validate(
+        {"apiVersion": cls.API_VERSIONS[0], "kind": kind, "metadata": meta, **body}
+    )
 
 
 def workload(name: str, labels: dict[str, str], ip: str, node: str = "node-1") -> Resource:
@@ -74,8 +76,17 @@ def mesh() -> list[Resource]:
                 ],
             },
         ),
-        obj("AuthorizationPolicy", "ns-wide", spec={"action": "DENY", "rules": [{"from": [{"source": {"notNamespaces": ["shop"]}}]}]}),
-        obj("AuthorizationPolicy", "mesh-wide", "istio-system", spec={"action": "AUDIT", "rules": [{}]}),
+        obj(
+            "AuthorizationPolicy",
+            "ns-wide",
+            spec={"action": "DENY", "rules": [{"from": [{"source": {"notNamespaces": ["shop"]}}]}]},
+        ),
+        obj(
+            "AuthorizationPolicy",
+            "mesh-wide",
+            "istio-system",
+            spec={"action": "AUDIT", "rules": [{}]},
+        ),
     ]
 
 
@@ -188,9 +199,15 @@ def test_waypoint_labels() -> None:
             },
         )
     )
-    objs.append(service("waypoint", {"gateway.networking.k8s.io/gateway-name": "waypoint"}, "10.96.0.99"))
+    objs.append(
+        service("waypoint", {"gateway.networking.k8s.io/gateway-name": "waypoint"}, "10.96.0.99")
+    )
     objs = [o for o in objs if o.metadata.name != "backend" or o.KIND != "Service"]
-    objs.append(service("backend", {"app": "backend"}, "10.96.0.10", **{"istio.io/use-waypoint": "waypoint"}))
+    objs.append(
+        service(
+            "backend", {"app": "backend"}, "10.96.0.10", **{"istio.io/use-waypoint": "waypoint"}
+        )
+    )
     changes = by_type(t.full(objs, "1"))
     svc = decode_address(changes[ADDRESS_TYPE], "shop/backend.shop.svc.cluster.local").service
     assert svc.waypoint.service == "shop/waypoint.shop.svc.cluster.local"

@@ -38,7 +38,9 @@ class Harness:
             [ResourceType(ADDRESS, address_pb2.Address, validators)],
         )
 
-    def push(self, version: str, updated: list[CachedResource] = (), removed: set[str] = ()) -> None:  # type: ignore[assignment]
+    def push(
+        self, version: str, updated: list[CachedResource] = (), removed: set[str] = ()
+    ) -> None:  # type: ignore[assignment]
         self.cache.apply([Change(ADDRESS, {r.name: r for r in updated}, set(removed), version)])
 
 

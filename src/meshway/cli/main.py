@@ -43,7 +43,8 @@ ServerOpt = Annotated[
     str | None, typer.Option("--server", envvar="MESHWAY_SERVER", help="Admin API URL.")
 ]
 TokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="MESHWAY_TOKEN", help="Admin token.", show_default=False)
+    str | None,
+    typer.Option("--token", envvar="MESHWAY_TOKEN", help="Admin token.", show_default=False),
 ]
 FilesOpt = Annotated[list[Path], typer.Option("-f", "--filename", help="A YAML file or directory.")]
 
@@ -176,7 +177,11 @@ def _columns(kind: str, obj: dict[str, Any]) -> dict[str, str]:
     if kind == "Namespace":
         return {"LABELS": ",".join(f"{k}={v}" for k, v in labels.items())}
     if kind == "AuthorizationPolicy":
-        target = "selector" if spec.get("selector") else ("targetRefs" if spec.get("targetRefs") or spec.get("targetRef") else "namespace")
+        target = (
+            "selector"
+            if spec.get("selector")
+            else ("targetRefs" if spec.get("targetRefs") or spec.get("targetRef") else "namespace")
+        )
         return {"ACTION": spec.get("action", "ALLOW"), "APPLIES TO": target}
     if kind == "Gateway":
         return {"CLASS": spec.get("gatewayClassName", "")}
@@ -204,7 +209,7 @@ def _print_table(items: list[dict[str, Any]], show_kind: bool) -> None:
             if show_kind:
                 name = f"{kind.lower()}/{name}"
             row = ([obj["metadata"].get("namespace", "")] if namespaced else []) + [name]
-            row += list(cols.values()) + [_age(obj["metadata"].get("creationTimestamp"))]
+            row += [*cols.values(), _age(obj["metadata"].get("creationTimestamp"))]
             table.add_row(*row)
         out.print(table)
 
@@ -269,7 +274,11 @@ def proxy_status(server: ServerOpt = None, token: TokenOpt = None) -> None:
 
         acked = {t.get("acked_version") for t in types.values()}
         table.add_row(
-            p["id"], p["node"], cell(".Address"), cell(".Authorization"), ",".join(sorted(a for a in acked if a))
+            p["id"],
+            p["node"],
+            cell(".Address"),
+            cell(".Authorization"),
+            ",".join(sorted(a for a in acked if a)),
         )
     out.print(table)
     out.print(f"control plane version: {result['version']}")
@@ -298,7 +307,9 @@ def node_join(
 
 @node_app.command("xds")
 def node_xds(
-    credentials: Annotated[Path, typer.Option("--credentials", help="From `meshway node join -o`.")],
+    credentials: Annotated[
+        Path, typer.Option("--credentials", help="From `meshway node join -o`.")
+    ],
     follow: Annotated[
         float, typer.Option("--follow", help="Keep printing updates for this many seconds.")
     ] = 0.0,
@@ -346,7 +357,9 @@ def node_xds(
 
 @cert_app.command("request")
 def cert_request(
-    credentials: Annotated[Path, typer.Option("--credentials", help="From `meshway node join -o`.")],
+    credentials: Annotated[
+        Path, typer.Option("--credentials", help="From `meshway node join -o`.")
+    ],
     identity: Annotated[str, typer.Option("--identity", help="spiffe://TD/ns/NS/sa/SA")],
     out_dir: Annotated[Path, typer.Option("--out-dir")] = Path("."),
     ttl: Annotated[int, typer.Option("--ttl-seconds", help="0: the CA's default")] = 0,
@@ -389,11 +402,11 @@ def cert_request(
 def validate(filename: FilesOpt = []) -> None:  # noqa: B006
     """Check YAML offline against the schema (references are checked by the control plane)."""
     from meshway.config.errors import ConfigError
-    from meshway.config.loader import parse_sources
+    from meshway.config.loader import parse_sources_with_origins
 
     sources = _read_sources(filename)
     try:
-        objects, _ = parse_sources(sources)
+        objects, _ = parse_sources_with_origins(sources)
     except ConfigError as exc:
         err.print(f"[red]error:[/red] {len(exc.issues)} problem(s):")
         for issue in exc.issues:

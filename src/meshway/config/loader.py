@@ -10,7 +10,7 @@ import difflib
 import json
 import types
 import typing
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,9 +44,7 @@ class _ManifestLoader(_YamlLoaderBase):  # type: ignore[misc,valid-type]
         super().__init__(stream)
         self.duplicate_keys: list[tuple[str, yaml.Mark]] = []
 
-    def construct_mapping(
-        self, node: yaml.MappingNode, deep: bool = False
-    ) -> dict[Hashable, Any]:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: set[str] = set()
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
@@ -66,43 +64,44 @@ class ParsedDocument(NamedTuple):
 
 
 class _RawDocument(NamedTuple):
-    index: int
+    number: int
     data: Any
 
 
-def _read_documents(text: str, source: str, issues: list[ConfigIssue]) -> list[_RawDocument]:
-    """Split a file into documents; a syntax error ends the file (the parser cannot resync)."""
+def _read_documents(text: str, source: str) -> Iterator[_RawDocument | ConfigIssue]:
+    """Documents of a file in order, with file-level issues where they occur.
+
+    A generator, so that each raw document is validated and dropped before the next is read:
+    holding 10,000 raw documents at once makes the garbage collector dominate the load time.
+    A syntax error ends the file, since the parser cannot resynchronise.
+    """
     if source.endswith(".json"):
         try:
-            return [_RawDocument(1, json.loads(text))]
+            yield _RawDocument(1, json.loads(text))
         except json.JSONDecodeError as exc:
             message = f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-            issues.append(ConfigIssue(source, 1, None, "", message))
-            return []
+            yield ConfigIssue(source, 1, None, "", message)
+        return
 
-    documents: list[_RawDocument] = []
     loader = _ManifestLoader(text)
-    index = 0
+    number = 0
     try:
         while loader.check_data():
             data = loader.get_data()
-            index += 1
-            if loader.duplicate_keys:
-                for key, mark in loader.duplicate_keys:
-                    message = (
-                        f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}"
-                    )
-                    issues.append(ConfigIssue(source, index, None, "", message))
-                loader.duplicate_keys.clear()
+            number += 1
+            if not loader.duplicate_keys:
+                yield _RawDocument(number, data)
                 continue
-            documents.append(_RawDocument(index, data))
+            for key, mark in loader.duplicate_keys:
+                message = f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}"
+                yield ConfigIssue(source, number, None, "", message)
+            loader.duplicate_keys.clear()
     except yaml.MarkedYAMLError as exc:
-        issues.append(ConfigIssue(source, index + 1, None, "", _yaml_error_message(exc)))
+        yield ConfigIssue(source, number + 1, None, "", _yaml_error_message(exc))
     except yaml.YAMLError as exc:
-        issues.append(ConfigIssue(source, index + 1, None, "", f"YAML error: {exc}"))
+        yield ConfigIssue(source, number + 1, None, "", f"YAML error: {exc}")
     finally:
         loader.dispose()
-    return documents
 
 
 def _yaml_error_message(exc: yaml.MarkedYAMLError) -> str:
@@ -230,7 +229,9 @@ def _message(error: ErrorDetails) -> str:
     value = error.get("input")
     if kind in _EXPECTED:
         message = f"expected {_EXPECTED[kind]}, got {describe_value(value)}"
-        if kind == "string_type" and isinstance(value, int | float) and not isinstance(value, bool):
+        if kind == "string_type" and isinstance(value, bool):
+            message += " (quote it if you meant a string)"
+        elif kind == "string_type" and isinstance(value, int | float):
             message += f' (quote it: "{value}")'
         return message
     if kind == "missing":
@@ -276,7 +277,9 @@ def _validation_issues(
             name = str(loc[-1])
             path = _join(parent_path, name)
             issues.append(
-                ConfigIssue(source, document, label, _join(prefix, path), _unknown_field(name, holder))
+                ConfigIssue(
+                    source, document, label, _join(prefix, path), _unknown_field(name, holder)
+                )
             )
             continue
         path, _ = _walk(cls, loc)
@@ -300,20 +303,29 @@ def _parse_object(
 ) -> list[tuple[Resource, str]]:
     """Validate one object (or the items of a `kind: List`); returns (resource, path prefix)."""
     if not isinstance(data, dict):
-        message = f"expected a mapping with apiVersion, kind and metadata, got {describe_value(data)}"
+        message = (
+            f"expected a mapping with apiVersion, kind and metadata, got {describe_value(data)}"
+        )
         issues.append(ConfigIssue(source, document, None, prefix, message))
         return []
     kind = data.get("kind")
     api_version = data.get("apiVersion")
-    if kind == "List" and isinstance(data.get("items"), list):
+    if kind == "List":
+        items = data.get("items")
+        if not isinstance(items, list):
+            message = f"a List needs a list of items, got {describe_value(items)}"
+            issues.append(ConfigIssue(source, document, None, _join(prefix, "items"), message))
+            return []
         parsed: list[tuple[Resource, str]] = []
-        for i, item in enumerate(data["items"]):
+        for i, item in enumerate(items):
             parsed += _parse_object(item, source, document, _join(prefix, f"items[{i}]"), issues)
         return parsed
     problems: list[tuple[str, str]] = []
     cls: type[Resource] | None = None
     if not isinstance(kind, str) or not kind:
-        problems.append(("kind", "required field is missing" if kind is None else "must be a string"))
+        problems.append(
+            ("kind", "required field is missing" if kind is None else "must be a string")
+        )
     else:
         cls = KINDS.get(kind)
         if cls is None:
@@ -330,14 +342,17 @@ def _parse_object(
     label = _object_label(data, cls)
     for path, message in problems:
         issues.append(ConfigIssue(source, document, label, _join(prefix, path), message))
-    if cls is None or problems:
+    if cls is None:
         return []
+    if problems:
+        # Still validate the rest, so that fixing apiVersion does not reveal a second round.
+        data = {**data, "apiVersion": cls.API_VERSIONS[0]}
     try:
         resource = cls.model_validate(data)
     except ValidationError as exc:
         issues.extend(_validation_issues(exc, cls, source, document, prefix, label))
         return []
-    return [(resource, prefix)]
+    return [] if problems else [(resource, prefix)]
 
 
 def parse_sources_detailed(sources: Sequence[tuple[str, str]]) -> list[ParsedDocument]:
@@ -349,17 +364,20 @@ def parse_sources_detailed(sources: Sequence[tuple[str, str]]) -> list[ParsedDoc
     parsed: list[ParsedDocument] = []
     first_seen: dict[ObjectKey, tuple[str, int]] = {}
     for source, text in sources:
-        for raw in _read_documents(text, source, issues):
+        for raw in _read_documents(text, source):
+            if isinstance(raw, ConfigIssue):
+                issues.append(raw)
+                continue
             if raw.data is None:
                 continue
-            for resource, prefix in _parse_object(raw.data, source, raw.index, "", issues):
+            for resource, prefix in _parse_object(raw.data, source, raw.number, "", issues):
                 key = resource.key
                 if key in first_seen:
                     other_source, other_doc = first_seen[key]
                     issues.append(
                         ConfigIssue(
                             source,
-                            raw.index,
+                            raw.number,
                             resource.object_ref,
                             _join(prefix, "metadata.name"),
                             f"duplicate object: also defined in {other_source} "
@@ -367,8 +385,8 @@ def parse_sources_detailed(sources: Sequence[tuple[str, str]]) -> list[ParsedDoc
                         )
                     )
                     continue
-                first_seen[key] = (source, raw.index)
-                parsed.append(ParsedDocument(resource, source, raw.index))
+                first_seen[key] = (source, raw.number)
+                parsed.append(ParsedDocument(resource, source, raw.number))
     if issues:
         raise ConfigError(issues)
     return parsed
@@ -387,6 +405,14 @@ def parse_documents(text: str, source: str) -> list[Resource]:
 def source_map(parsed: Sequence[ParsedDocument]) -> dict[ObjectKey, tuple[str, int]]:
     """The `sources` argument of `check_references`: where each object was defined."""
     return {doc.resource.key: (doc.source, doc.document) for doc in parsed}
+
+
+def parse_sources_with_origins(
+    sources: Sequence[tuple[str, str]],
+) -> tuple[list[Resource], dict[ObjectKey, tuple[str, int]]]:
+    """`parse_sources` plus the origins that the reference checks cite in their messages."""
+    parsed = parse_sources_detailed(sources)
+    return [doc.resource for doc in parsed], source_map(parsed)
 
 
 def load_paths(paths: Sequence[Path]) -> list[tuple[str, str]]:

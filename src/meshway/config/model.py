@@ -13,7 +13,7 @@ import ipaddress
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from urllib.parse import urlparse
 
@@ -48,7 +48,9 @@ GATEWAY_API_GROUP = "gateway.networking.k8s.io"
 CORE_GROUPS = ("", "core")
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
@@ -216,11 +218,22 @@ def _raise_problems(problems: list[tuple[str, str]]) -> None:
         raise FieldError(problems[0][0], problems[0][1], *problems[1:])
 
 
+def _check_labels(value: dict[str, str]) -> dict[str, str]:
+    """Label maps (metadata, selectors, subsets) all follow the Kubernetes label syntax."""
+    problems: list[tuple[str, str]] = []
+    for key, label in value.items():
+        error = label_key_error(key) or label_value_error(label)
+        if error:
+            problems.append((f"[{key}]", error))
+    _raise_problems(problems)
+    return value
+
+
 def _check_each(
     problems: list[tuple[str, str]],
     field: str,
     values: Iterable[str],
-    check: Any,
+    check: Callable[[str], str | None],
 ) -> None:
     for i, value in enumerate(values):
         error = check(value)
@@ -333,9 +346,9 @@ class ObjectKey(NamedTuple):
     name: str
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else (
-            f"{self.kind} {self.name}"
-        )
+        if self.namespace:
+            return f"{self.kind} {self.namespace}/{self.name}"
+        return f"{self.kind} {self.name}"
 
 
 class ObjectMeta(MeshModel):
@@ -368,16 +381,7 @@ class ObjectMeta(MeshModel):
                 raise ValueError(error)
         return value
 
-    @field_validator("labels")
-    @classmethod
-    def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
-        problems: list[tuple[str, str]] = []
-        for key, label in value.items():
-            error = label_key_error(key) or label_value_error(label)
-            if error:
-                problems.append((f"[{key}]", error))
-        _raise_problems(problems)
-        return value
+    _labels = field_validator("labels")(_check_labels)
 
     @field_validator("annotations")
     @classmethod
@@ -492,10 +496,7 @@ class LabelSelector(MeshModel):
     match_labels: dict[str, str] = Field(default_factory=dict)
     match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list)
 
-    @field_validator("match_labels")
-    @classmethod
-    def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
-        return ObjectMeta._check_labels(value)
+    _match_labels = field_validator("match_labels")(_check_labels)
 
 
 class WorkloadSelector(MeshModel):
@@ -505,14 +506,14 @@ class WorkloadSelector(MeshModel):
 
     @field_validator("match_labels")
     @classmethod
-    def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
+    def _check_match_labels(cls, value: dict[str, str]) -> dict[str, str]:
         problems = [
             (f"[{key}]", "wildcards are not supported in selectors")
             for key, label in value.items()
             if "*" in key or "*" in label
         ]
         _raise_problems(problems)
-        return ObjectMeta._check_labels(value)
+        return _check_labels(value)
 
 
 # --------------------------------------------------------------------------- core kinds
@@ -597,10 +598,7 @@ class ServiceSpec(MeshModel):
     cluster_ip: str | None = Field(default=None, alias="clusterIP")
     type: Literal["ClusterIP"] = "ClusterIP"
 
-    @field_validator("selector")
-    @classmethod
-    def _check_selector(cls, value: dict[str, str]) -> dict[str, str]:
-        return ObjectMeta._check_labels(value)
+    _selector = field_validator("selector")(_check_labels)
 
     @field_validator("cluster_ip")
     @classmethod
@@ -621,9 +619,7 @@ class ServiceSpec(MeshModel):
                 problems.append((f"ports[{i}].name", "required when a Service has several ports"))
             if port.name:
                 if port.name in seen_names:
-                    problems.append(
-                        (f"ports[{i}].name", f"duplicate port name {port.name!r}")
-                    )
+                    problems.append((f"ports[{i}].name", f"duplicate port name {port.name!r}"))
                 seen_names.setdefault(port.name, i)
             number = (port.port, port.protocol)
             if number in seen_ports:
@@ -784,7 +780,11 @@ _CONDITION_KEYS = frozenset(
         "connection.sni",
     }
 )
-_CONDITION_KEY_PREFIXES = ("request.headers[", "request.auth.claims[", "experimental.envoy.filters.")
+_CONDITION_KEY_PREFIXES = (
+    "request.headers[",
+    "request.auth.claims[",
+    "experimental.envoy.filters.",
+)
 
 
 class PolicyTargetReference(MeshModel):
@@ -903,18 +903,6 @@ class Operation(MeshModel):
         _raise_problems(problems)
         return self
 
-    @property
-    def l7_only(self) -> bool:
-        """True when the operation names HTTP attributes, which a node proxy cannot see."""
-        return bool(
-            self.hosts
-            or self.not_hosts
-            or self.methods
-            or self.not_methods
-            or self.paths
-            or self.not_paths
-        )
-
 
 class RuleFrom(MeshModel):
     source: Source
@@ -941,7 +929,7 @@ class RuleCondition(MeshModel):
             problems.append(("key", f"unknown condition key {self.key!r}"))
         if not self.values and not self.not_values:
             problems.append(("values", "set values or notValues"))
-        check: Any = _not_empty
+        check: Callable[[str], str | None] = _not_empty
         if self.key == "destination.port":
             check = _port_string_error
         elif self.key in ("source.ip", "remote.ip", "destination.ip"):
@@ -969,6 +957,35 @@ class ExtensionProvider(MeshModel):
         return value
 
 
+# Identity attributes that Istio's CUSTOM (external authorization) action cannot match on.
+_CUSTOM_UNSUPPORTED_SOURCE_FIELDS = (
+    "principals",
+    "not_principals",
+    "namespaces",
+    "not_namespaces",
+    "service_accounts",
+    "not_service_accounts",
+    "request_principals",
+    "not_request_principals",
+)
+_CUSTOM_UNSUPPORTED_CONDITIONS = ("source.namespace", "source.serviceAccount", "source.principal")
+
+
+def _custom_action_problems(rules: list[Rule]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for i, rule in enumerate(rules):
+        for j, rule_from in enumerate(rule.from_):
+            for name in _CUSTOM_UNSUPPORTED_SOURCE_FIELDS:
+                if getattr(rule_from.source, name):
+                    path = f"rules[{i}].from[{j}].source.{to_camel(name)}"
+                    problems.append((path, "not supported with action CUSTOM"))
+        for j, condition in enumerate(rule.when):
+            key = condition.key
+            if key in _CUSTOM_UNSUPPORTED_CONDITIONS or key.startswith("request.auth."):
+                problems.append((f"rules[{i}].when[{j}].key", "not supported with action CUSTOM"))
+    return problems
+
+
 class AuthorizationPolicySpec(MeshModel):
     selector: WorkloadSelector | None = None
     target_ref: PolicyTargetReference | None = None
@@ -983,19 +1000,7 @@ class AuthorizationPolicySpec(MeshModel):
         if self.action == "CUSTOM":
             if self.provider is None:
                 problems.append(("provider", "action CUSTOM requires provider.name"))
-            for i, rule in enumerate(self.rules):
-                for j, src in enumerate(rule.from_):
-                    for name in ("principals", "not_principals", "namespaces", "not_namespaces",
-                                 "service_accounts", "not_service_accounts",
-                                 "request_principals", "not_request_principals"):  # fmt: skip
-                        if getattr(src.source, name):
-                            alias = to_camel(name)
-                            problems.append(
-                                (
-                                    f"rules[{i}].from[{j}].source.{alias}",
-                                    "not supported with action CUSTOM",
-                                )
-                            )
+            problems += _custom_action_problems(self.rules)
         elif self.provider is not None:
             problems.append(("provider", "provider is only allowed with action CUSTOM"))
         if self.action in ("DENY", "CUSTOM") and not self.rules:
@@ -1284,16 +1289,14 @@ class HTTPPathModifier(MeshModel):
 
     @model_validator(mode="after")
     def _check(self) -> HTTPPathModifier:
-        wanted, other = ("replaceFullPath", "replacePrefixMatch")
-        if self.type == "ReplacePrefixMatch":
-            wanted, other = other, wanted
-        values = {"replaceFullPath": self.replace_full_path,
-                  "replacePrefixMatch": self.replace_prefix_match}  # fmt: skip
+        full = ("replaceFullPath", self.replace_full_path)
+        prefix = ("replacePrefixMatch", self.replace_prefix_match)
+        wanted, other = (full, prefix) if self.type == "ReplaceFullPath" else (prefix, full)
         problems: list[tuple[str, str]] = []
-        if values[wanted] is None:
-            problems.append((wanted, f"required when type is {self.type}"))
-        if values[other] is not None:
-            problems.append((other, f"not allowed when type is {self.type}"))
+        if wanted[1] is None:
+            problems.append((wanted[0], f"required when type is {self.type}"))
+        if other[1] is not None:
+            problems.append((other[0], f"not allowed when type is {self.type}"))
         _raise_problems(problems)
         return self
 
@@ -1338,7 +1341,9 @@ def _check_filter_fields(model: BaseModel, filter_type: str) -> list[tuple[str, 
     return problems
 
 
-def _check_filter_list(filters: Iterable[HTTPRouteFilter | GRPCRouteFilter]) -> list[tuple[str, str]]:
+def _check_filter_list(
+    filters: Iterable[HTTPRouteFilter | GRPCRouteFilter],
+) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
     for i, filt in enumerate(filters):
@@ -1450,9 +1455,7 @@ class HTTPRouteTimeouts(MeshModel):
         request = duration_seconds(self.request)
         # A zero request timeout means "no timeout" in the Gateway API.
         if request and duration_seconds(self.backend_request) > request:
-            raise FieldError(
-                "backendRequest", f"must not be longer than request ({self.request})"
-            )
+            raise FieldError("backendRequest", f"must not be longer than request ({self.request})")
         return self
 
 
@@ -1560,7 +1563,9 @@ class GRPCRouteMatch(MeshModel):
 
 
 class GRPCRouteFilter(MeshModel):
-    type: Literal["RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "ExtensionRef"]
+    type: Literal[
+        "RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "ExtensionRef"
+    ]
     request_header_modifier: HTTPHeaderModifier | None = None
     response_header_modifier: HTTPHeaderModifier | None = None
     request_mirror: HTTPRequestMirrorFilter | None = None
@@ -1812,9 +1817,9 @@ class ConsistentHashLB(MeshModel):
 
 
 class LoadBalancerSettings(MeshModel):
-    simple: Literal["UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"] | None = (
-        None
-    )
+    simple: (
+        Literal["UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"] | None
+    ) = None
     consistent_hash: ConsistentHashLB | None = None
 
     @model_validator(mode="after")
@@ -1905,10 +1910,7 @@ class Subset(MeshModel):
             raise ValueError(error)
         return value
 
-    @field_validator("labels")
-    @classmethod
-    def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
-        return ObjectMeta._check_labels(value)
+    _labels = field_validator("labels")(_check_labels)
 
 
 def _check_export_to(values: list[str]) -> list[str]:
@@ -1963,7 +1965,11 @@ class StringMatch(MeshModel):
     def _check(self) -> StringMatch:
         set_fields = [
             name
-            for name, value in (("exact", self.exact), ("prefix", self.prefix), ("regex", self.regex))
+            for name, value in (
+                ("exact", self.exact),
+                ("prefix", self.prefix),
+                ("regex", self.regex),
+            )
             if value is not None
         ]
         if len(set_fields) > 1:

@@ -102,9 +102,7 @@ def check_references(
     return issues
 
 
-def check_update(
-    old: Resource, new: Resource, sources: Sources | None = None
-) -> list[ConfigIssue]:
+def check_update(old: Resource, new: Resource, sources: Sources | None = None) -> list[ConfigIssue]:
     """Issues for changes to fields that cannot change on a live object.
 
     A Workload's process runs on its node, so moving it means recreating it; a Service's

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import builtins
 import enum
 import json
 import sqlite3
@@ -69,16 +70,20 @@ class ConfigStore(abc.ABC):
     def get(self, key: ObjectKey) -> Resource | None: ...
 
     @abc.abstractmethod
-    def list(self, kind: str | None = None, namespace: str | None = None) -> list[Resource]: ...
+    def list(
+        self, kind: str | None = None, namespace: str | None = None
+    ) -> builtins.list[Resource]: ...
 
     @abc.abstractmethod
-    def apply(self, objects: Sequence[Resource], *, dry_run: bool = False) -> list[ApplyResult]:
+    def apply(
+        self, objects: Sequence[Resource], *, dry_run: bool = False
+    ) -> builtins.list[ApplyResult]:
         """Create or update all objects atomically; unchanged objects keep their revision.
 
         With `dry_run`, report what would happen and change nothing."""
 
     @abc.abstractmethod
-    def delete(self, keys: Sequence[ObjectKey]) -> list[Resource]:
+    def delete(self, keys: Sequence[ObjectKey]) -> builtins.list[Resource]:
         """Delete all keys atomically; returns the deleted objects (missing keys are skipped)."""
 
     @abc.abstractmethod
@@ -157,11 +162,14 @@ class SqliteStore(ConfigStore):
     def get(self, key: ObjectKey) -> Resource | None:
         return self._objects.get(key)
 
-    def list(self, kind: str | None = None, namespace: str | None = None) -> list[Resource]:
+    def list(
+        self, kind: str | None = None, namespace: str | None = None
+    ) -> builtins.list[Resource]:
         return [
             obj
             for key, obj in self._objects.items()
-            if (kind is None or key.kind == kind) and (namespace is None or key.namespace == namespace)
+            if (kind is None or key.kind == kind)
+            and (namespace is None or key.namespace == namespace)
         ]
 
     def __len__(self) -> int:
@@ -169,10 +177,12 @@ class SqliteStore(ConfigStore):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def apply(self, objects: Sequence[Resource], *, dry_run: bool = False) -> list[ApplyResult]:
+    def apply(
+        self, objects: Sequence[Resource], *, dry_run: bool = False
+    ) -> builtins.list[ApplyResult]:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        results: list[ApplyResult] = []
-        events: list[WatchEvent] = []
+        results: builtins.list[ApplyResult] = []
+        events: builtins.list[WatchEvent] = []
         revision = self._revision
         for obj in objects:
             old = self._objects.get(obj.key)
@@ -210,9 +220,9 @@ class SqliteStore(ConfigStore):
             self._commit(events)
         return results
 
-    def delete(self, keys: Sequence[ObjectKey]) -> list[Resource]:
+    def delete(self, keys: Sequence[ObjectKey]) -> builtins.list[Resource]:
         revision = self._revision
-        events: list[WatchEvent] = []
+        events: builtins.list[WatchEvent] = []
         for key in dict.fromkeys(keys):
             old = self._objects.get(key)
             if old is None:
@@ -266,13 +276,13 @@ class SqliteStore(ConfigStore):
 
     # -- watch -------------------------------------------------------------------------------
 
-    def events_since(self, since: int) -> list[WatchEvent]:
+    def events_since(self, since: int) -> builtins.list[WatchEvent]:
         if since < self._compacted:
             raise ResourceVersionTooOld(
                 f"revision {since} is older than the oldest retained event "
                 f"({self._compacted + 1}); list again and watch from the list's revision"
             )
-        newer: list[WatchEvent] = []
+        newer: builtins.list[WatchEvent] = []
         for event in reversed(self._log):  # the usual caller wants only the tail
             if event.revision <= since:
                 break

@@ -84,7 +84,8 @@ class AdminServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]") or "127.0.0.1", int(port))
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
         bound = sockets[0].getsockname() if sockets else (host, port)
         self.address = f"{bound[0]}:{bound[1]}"
 
@@ -131,7 +132,9 @@ class AdminServer:
         return _json({"version": __version__, "trustDomain": self.cp.config.trust_domain})
 
     async def trust_bundle(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.cp.ca.trust_bundle.to_pem(), content_type="application/x-pem-file")
+        return web.Response(
+            body=self.cp.ca.trust_bundle.to_pem(), content_type="application/x-pem-file"
+        )
 
     # -- debug -------------------------------------------------------------------------------
 
@@ -198,15 +201,21 @@ class AdminServer:
         keys: list[ObjectKey] = []
         try:
             if "sources" in body:
-                from meshway.config.loader import parse_sources
+                from meshway.config.loader import parse_sources_with_origins
 
-                objects, _ = parse_sources([(s["name"], s["text"]) for s in body["sources"]])
+                objects, _ = parse_sources_with_origins(
+                    [(s["name"], s["text"]) for s in body["sources"]]
+                )
                 keys = [o.key for o in objects]
             else:
                 for k in body.get("keys", []):
                     cls = kind_for(k["kind"])
                     keys.append(
-                        ObjectKey(cls.KIND, (k.get("namespace") or "default") if cls.NAMESPACED else "", k["name"])
+                        ObjectKey(
+                            cls.KIND,
+                            (k.get("namespace") or "default") if cls.NAMESPACED else "",
+                            k["name"],
+                        )
                     )
         except ConfigError as exc:
             return _issues(exc)
@@ -259,7 +268,11 @@ class AdminServer:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         async for event in self.cp.store.watch(since):
-            line = {"type": str(event.type), "revision": event.revision, "object": event.object.to_dict()}
+            line = {
+                "type": str(event.type),
+                "revision": event.revision,
+                "object": event.object.to_dict(),
+            }
             await response.write(json.dumps(line).encode() + b"\n")
         return response
 
@@ -273,7 +286,7 @@ class AdminServer:
             {
                 "node": name,
                 "credential": credential,
-                "xdsAddress": f"{self.cp.config.grpc_address.rpartition(':')[0]}:{self.cp.grpc_port}",
+                "xdsAddress": self.cp.grpc_target,
                 "trustDomain": self.cp.config.trust_domain,
                 "trustBundle": self.cp.ca.trust_bundle.to_pem().decode(),
             }

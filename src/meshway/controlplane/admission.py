@@ -30,7 +30,10 @@ class ClusterNetwork:
     node_prefix: int = 24
 
     def __post_init__(self) -> None:
-        if self.node_prefix < self.pod_cidr.prefixlen or self.node_prefix > self.pod_cidr.max_prefixlen - 2:
+        if (
+            self.node_prefix < self.pod_cidr.prefixlen
+            or self.node_prefix > self.pod_cidr.max_prefixlen - 2
+        ):
             raise ValueError(
                 f"node prefix /{self.node_prefix} does not fit the pod CIDR {self.pod_cidr}"
             )
@@ -42,9 +45,7 @@ class ClusterNetwork:
 
     @classmethod
     def parse(cls, pod_cidr: str, service_cidr: str, node_prefix: int = 24) -> ClusterNetwork:
-        return cls(
-            ipaddress.ip_network(pod_cidr), ipaddress.ip_network(service_cidr), node_prefix
-        )
+        return cls(ipaddress.ip_network(pod_cidr), ipaddress.ip_network(service_cidr), node_prefix)
 
 
 def _host_addresses(network: IPNetwork) -> Iterator[IPAddress]:
@@ -147,9 +148,7 @@ class Admission:
         by_key = {o.key: o for o in admitted}
         return [by_key[o.key] for o in batch]
 
-    def _assign_node(
-        self, node: Node, old: Resource | None, node_cidrs: dict[str, str]
-    ) -> Node:
+    def _assign_node(self, node: Node, old: Resource | None, node_cidrs: dict[str, str]) -> Node:
         cidr = old.status.pod_cidr if isinstance(old, Node) else None
         if not cidr:
             taken = {ipaddress.ip_network(c) for c in node_cidrs.values()}
@@ -211,7 +210,8 @@ class Admission:
             owner = used.get(wanted)
             if owner is not None and owner != service.key:
                 raise _AssignError(
-                    "spec.clusterIP", f"{wanted} is already used by Service {owner.namespace}/{owner.name}"
+                    "spec.clusterIP",
+                    f"{wanted} is already used by Service {owner.namespace}/{owner.name}",
                 )
         else:
             for candidate in _host_addresses(self.network.service_cidr):

@@ -22,7 +22,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshway.api.v1 import ca_pb2, ca_pb2_grpc
 from meshway.config.errors import ConfigError
-from meshway.config.loader import parse_sources
+from meshway.config.loader import parse_sources_with_origins
 from meshway.config.model import ObjectKey, Resource, Workload
 from meshway.config.store import ApplyResult, ResourceVersionTooOld, SqliteStore, WatchEvent
 from meshway.controlplane.admission import Admission, ClusterNetwork
@@ -103,7 +103,9 @@ class ControlPlane:
     def _ensure_defaults(self) -> None:
         """Like a new Kubernetes cluster: the `default` namespace exists from the start."""
         if self.store.revision == 0:
-            self.apply_sources([("<built-in>", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n")])
+            self.apply_sources(
+                [("<built-in>", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n")]
+            )
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -111,7 +113,7 @@ class ControlPlane:
         self, sources: Sequence[tuple[str, str]], *, dry_run: bool = False
     ) -> list[ApplyResult]:
         try:
-            objects, origins = parse_sources(sources)
+            objects, origins = parse_sources_with_origins(sources)
             results = self.admission.apply(objects, origins, dry_run=dry_run)
         except ConfigError:
             CONTROLPLANE.config_rejections.labels(operation="apply").inc()
@@ -180,6 +182,12 @@ class ControlPlane:
         issued = self.ca.sign_csr(csr_pem, identity, ttl or self.config.cert_ttl)
         return issued.cert_chain_pem
 
+    @property
+    def grpc_target(self) -> str:
+        """host:port a proxy dials (the bound port, when the configured one was 0)."""
+        host = self.config.grpc_address.rpartition(":")[0]
+        return f"{host}:{self.grpc_port}"
+
     # -- gRPC --------------------------------------------------------------------------------
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
@@ -190,7 +198,8 @@ class ControlPlane:
         if not token:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "no node credential: send 'authorization: Bearer <credential from meshway node join>'",
+                "no node credential: send 'authorization: Bearer <credential>' "
+                "(from `meshway node join`)",
             )
         try:
             return self.credentials.authenticate(token)
@@ -214,7 +223,9 @@ class ControlPlane:
         server = grpc.aio.server(options=GRPC_OPTIONS)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
         ca_pb2_grpc.add_CertificateServiceServicer_to_server(_CertificateService(self), server)
-        self.grpc_port = server.add_secure_port(self.config.grpc_address, self._serving_credentials())
+        self.grpc_port = server.add_secure_port(
+            self.config.grpc_address, self._serving_credentials()
+        )
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {self.config.grpc_address}")
         await server.start()
@@ -315,7 +326,7 @@ class _CertificateService(ca_pb2_grpc.CertificateServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
 
-    async def CreateCertificate(  # noqa: N802 - gRPC method name
+    async def CreateCertificate(
         self, request: ca_pb2.CertificateRequest, context: grpc.aio.ServicerContext
     ) -> ca_pb2.CertificateResponse:
         node = await self.cp._authenticate(context)
@@ -338,4 +349,3 @@ class _CertificateService(ca_pb2_grpc.CertificateServiceServicer):
             cert.public_bytes(Encoding.PEM).decode() for cert in self.cp.ca.trust_bundle.roots
         ]
         return ca_pb2.CertificateResponse(cert_chain=chain, trust_bundle=bundle)
-

@@ -13,7 +13,8 @@ import hashlib
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from meshway.api.v1 import address_pb2, authorization_pb2
 from meshway.config.model import (
@@ -64,12 +65,30 @@ def _selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> b
     return bool(selector) and all(labels.get(k) == v for k, v in (selector or {}).items())
 
 
-@dataclass
+_INDEXED_KINDS = ("Workload", "Service", "AuthorizationPolicy", "Gateway")
+
+
 class _Namespaced:
-    workloads: dict[str, Workload] = field(default_factory=dict)
-    services: dict[str, Service] = field(default_factory=dict)
-    policies: dict[str, AuthorizationPolicy] = field(default_factory=dict)
-    gateways: dict[str, Gateway] = field(default_factory=dict)
+    """The objects of one namespace that the translation reads, by kind and name."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[str, Any]] = {kind: {} for kind in _INDEXED_KINDS}
+
+    @property
+    def workloads(self) -> dict[str, Workload]:
+        return self.tables["Workload"]
+
+    @property
+    def services(self) -> dict[str, Service]:
+        return self.tables["Service"]
+
+    @property
+    def policies(self) -> dict[str, AuthorizationPolicy]:
+        return self.tables["AuthorizationPolicy"]
+
+    @property
+    def gateways(self) -> dict[str, Gateway]:
+        return self.tables["Gateway"]
 
 
 class MeshTranslator:
@@ -105,37 +124,20 @@ class MeshTranslator:
         return self._recompute(dirty, version)
 
     def _lookup(self, key: ObjectKey) -> Resource | None:
-        bucket = self._ns.get(key.namespace)
         if key.kind == "Namespace":
             return self._namespaces.get(key.name)
-        if bucket is None:
-            return None
-        table: Mapping[str, Resource] = {
-            "Workload": bucket.workloads,
-            "Service": bucket.services,
-            "AuthorizationPolicy": bucket.policies,
-            "Gateway": bucket.gateways,
-        }.get(key.kind, {})
-        return table.get(key.name)
+        bucket = self._ns.get(key.namespace)
+        return bucket.tables.get(key.kind, {}).get(key.name) if bucket else None
 
     def _index(self, obj: Resource, *, deleted: bool) -> None:
-        ns = obj.metadata.namespace or ""
         name = obj.metadata.name
-        tables: dict[type, dict[str, object]] = {}
         if isinstance(obj, Namespace):
             if deleted:
                 self._namespaces.pop(name, None)
             else:
                 self._namespaces[name] = obj
             return
-        bucket = self._ns[ns]
-        tables = {
-            Workload: bucket.workloads,  # type: ignore[dict-item]
-            Service: bucket.services,  # type: ignore[dict-item]
-            AuthorizationPolicy: bucket.policies,  # type: ignore[dict-item]
-            Gateway: bucket.gateways,  # type: ignore[dict-item]
-        }
-        table = tables.get(type(obj))
+        table = self._ns[obj.metadata.namespace or ""].tables.get(obj.KIND)
         if table is None:
             return
         if deleted:
@@ -210,15 +212,14 @@ class MeshTranslator:
         workload = bucket.workloads.get(rest)
         if workload is not None:
             return address_pb2.Address(workload=self._workload(workload, bucket))
-        service = next(
-            (s for s in bucket.services.values() if self._service_name(s) == name), None
-        )
+        service = next((s for s in bucket.services.values() if self._service_name(s) == name), None)
         if service is not None:
             return address_pb2.Address(service=self._service(service))
         return None
 
     def _service_name(self, svc: Service) -> str:
-        return f"{svc.metadata.namespace}/{self._hostname(svc.metadata.name, svc.metadata.namespace or '')}"
+        ns = svc.metadata.namespace or ""
+        return f"{ns}/{self._hostname(svc.metadata.name, ns)}"
 
     def _hostname(self, name: str, ns: str) -> str:
         return f"{name}.{ns}.svc.{self.settings.cluster_domain}"
@@ -377,5 +378,7 @@ class MeshTranslator:
                     not_paths=op.not_paths or [],
                 )
             for cond in rule.when or []:
-                pr.when.add(key=cond.key, values=cond.values or [], not_values=cond.not_values or [])
+                pr.when.add(
+                    key=cond.key, values=cond.values or [], not_values=cond.not_values or []
+                )
         return out

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 
 class ControlPlaneMetrics:
@@ -29,10 +29,16 @@ class ControlPlaneMetrics:
             "meshway_xds_nacks", "xDS responses rejected by proxies.", ["type_url"], registry=r
         )
         self.config_applies = Counter(
-            "meshway_config_applies", "Accepted apply or delete requests.", ["operation"], registry=r
+            "meshway_config_applies",
+            "Accepted apply or delete requests.",
+            ["operation"],
+            registry=r,
         )
         self.config_rejections = Counter(
-            "meshway_config_rejections", "Rejected apply or delete requests.", ["operation"], registry=r
+            "meshway_config_rejections",
+            "Rejected apply or delete requests.",
+            ["operation"],
+            registry=r,
         )
         self.config_objects = Gauge(
             "meshway_config_objects", "Objects in the store, by kind.", ["kind"], registry=r

@@ -134,7 +134,10 @@ class XdsClient:
                 raise
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                if exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
                     log.error("xDS stream refused: %s", self.last_error)
                 else:
                     log.warning("xDS stream to %s broke: %s", self.target, self.last_error)
@@ -193,7 +196,10 @@ class XdsClient:
         ack = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=response.nonce)
         if rtype is None:
             ack.error_detail.CopyFrom(
-                status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"unknown type {type_url}")
+                status_pb2.Status(
+                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                    message=f"unknown type {type_url}",
+                )
             )
             return ack
         snap = self._snapshots[type_url]

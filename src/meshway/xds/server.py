@@ -53,7 +53,9 @@ class CachedResource:
     @classmethod
     def build(cls, name: str, version: str, message: object, type_url: str) -> CachedResource:
         packed = any_pb2.Any(type_url=type_url, value=message.SerializeToString(deterministic=True))  # type: ignore[attr-defined]
-        return cls(name, version, discovery_pb2.Resource(name=name, version=version, resource=packed))
+        return cls(
+            name, version, discovery_pb2.Resource(name=name, version=version, resource=packed)
+        )
 
 
 @dataclass(slots=True)
@@ -166,9 +168,7 @@ class _Connection:
             missing = {n for n in added if n not in have}
             self.outbox.put_nowait(Change(type_url, updated, missing, self.cache.version))
 
-    def _full_state(
-        self, type_url: str, state: _TypeState, known: Mapping[str, str]
-    ) -> Change:
+    def _full_state(self, type_url: str, state: _TypeState, known: Mapping[str, str]) -> Change:
         have = self.cache.resources[type_url]
         # The client keeps what it had across reconnects: resources at the version it already
         # holds are not sent again, names it holds that no longer exist are removed.
@@ -206,7 +206,11 @@ class _Connection:
             for name, r in change.updated.items()
             if state.wants(name) and state.sent.get(name) != r.version
         ]
-        removed = [n for n in change.removed if n in state.sent or (not state.wildcard and n in state.names)]
+        removed = [
+            n
+            for n in change.removed
+            if n in state.sent or (not state.wildcard and n in state.names)
+        ]
         if not updated and not removed:
             return None
         nonce = str(next(self._nonces))
@@ -257,7 +261,7 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
         self.cache = cache
         self.authenticate = authenticate
 
-    async def StreamAggregatedResources(  # noqa: N802 - gRPC method name
+    async def StreamAggregatedResources(
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
@@ -267,7 +271,7 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
             "Meshway serves incremental xDS only: use DeltaAggregatedResources",
         )
 
-    async def DeltaAggregatedResources(  # noqa: N802 - gRPC method name
+    async def DeltaAggregatedResources(
         self,
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext,

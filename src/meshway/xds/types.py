@@ -26,7 +26,9 @@ def check_address(name: str, msg: address_pb2.Address) -> None:
     else:
         svc = msg.service
         if name != f"{svc.namespace}/{svc.hostname}":
-            raise ValueError(f"resource name does not match service '{svc.namespace}/{svc.hostname}'")
+            raise ValueError(
+                f"resource name does not match service '{svc.namespace}/{svc.hostname}'"
+            )
         for addr in svc.addresses:
             if len(addr.address) not in (4, 16):
                 raise ValueError(f"address of {len(addr.address)} bytes is neither IPv4 nor IPv6")
