@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from meshway.controlplane.launcher import ControlPlaneProcess
@@ -121,9 +122,22 @@ def main() -> int:
             check=False,
         )
 
-        step("What node-1 receives over xDS")
-        run(["meshway", "node", "xds", "--credentials", str(creds)], env)
+        step("node-1 connects over xDS; a change pushes only the changed workload")
+        print(f"$ meshway node xds --credentials {creds} --follow 4 &", flush=True)
+        watcher = subprocess.Popen(
+            [*MESHWAY, "node", "xds", "--credentials", str(creds), "--follow", "4"], env=env
+        )
+        time.sleep(1.5)
         run(["meshway", "proxy-status"], env)
+        change = work / "change.yaml"
+        change.write_text(
+            "apiVersion: meshway.io/v1alpha1\nkind: Workload\n"
+            "metadata: {name: client, namespace: shop, labels: {app: client, rollout: canary}}\n"
+            "spec:\n  serviceAccountName: client\n  nodeName: node-1\n"
+            '  command: ["python3", "-m", "http.server", "8000"]\n'
+        )
+        run(["meshway", "apply", "-f", str(change)], env)
+        watcher.wait(timeout=30)
 
         step("Stop the control plane")
         code = cp.stop()

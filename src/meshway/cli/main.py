@@ -36,7 +36,8 @@ cert_app = typer.Typer(help="Workload certificates.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 app.add_typer(cert_app, name="cert")
 
-out = Console(highlight=False, soft_wrap=True)
+# Tables keep their columns when piped (rich would otherwise squeeze them to 80).
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ServerOpt = Annotated[

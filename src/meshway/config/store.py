@@ -290,6 +290,23 @@ class SqliteStore(ConfigStore):
         newer.reverse()
         return newer
 
+    async def wait_past(self, revision: int, timeout: float) -> bool:
+        """Wait until the store moves past `revision`; False if `timeout` passed first."""
+        if self._revision > revision:
+            return True
+        wakeup = asyncio.Event()
+        self._wakeups.add(wakeup)
+        try:
+            async with asyncio.timeout(timeout):
+                while self._revision <= revision:
+                    wakeup.clear()
+                    await wakeup.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._wakeups.discard(wakeup)
+
     async def watch(self, since: int) -> AsyncIterator[WatchEvent]:
         wakeup = asyncio.Event()
         self._wakeups.add(wakeup)

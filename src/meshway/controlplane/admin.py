@@ -6,6 +6,7 @@ configuration or issues credentials needs the admin token (`<state dir>/admin.to
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WATCH_BOOKMARK_SECONDS = 15.0
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/version", "/api/v1/trust-bundle"}
 
 
@@ -76,6 +78,7 @@ class AdminServer:
         r.add_post("/api/v1/nodes/{name}/join", self.join)
         r.add_get("/api/v1/proxies", self.syncz)
         self._runner: web.AppRunner | None = None
+        self._streams: set[asyncio.Task[Any]] = set()
         self.address = ""
 
     async def start(self, address: str) -> None:
@@ -90,6 +93,8 @@ class AdminServer:
         self.address = f"{bound[0]}:{bound[1]}"
 
     async def stop(self) -> None:
+        for task in list(self._streams):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -267,13 +272,28 @@ class AdminServer:
             return _error(410, str(exc))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
-        async for event in self.cp.store.watch(since):
-            line = {
-                "type": str(event.type),
-                "revision": event.revision,
-                "object": event.object.to_dict(),
-            }
-            await response.write(json.dumps(line).encode() + b"\n")
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        store = self.cp.store
+        position = since
+        try:
+            while True:
+                lines = [
+                    {"type": str(e.type), "revision": e.revision, "object": e.object.to_dict()}
+                    for e in store.events_since(position)
+                ]
+                if lines:
+                    position = lines[-1]["revision"]
+                elif not await store.wait_past(position, WATCH_BOOKMARK_SECONDS):
+                    # A bookmark keeps idle streams alive and finds clients that went away.
+                    lines = [{"type": "BOOKMARK", "revision": store.revision}]
+                if lines:
+                    await response.write(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+        except (ConnectionResetError, ResourceVersionTooOld):
+            pass
+        finally:
+            self._streams.discard(task)
         return response
 
     async def join(self, request: web.Request) -> web.Response:
