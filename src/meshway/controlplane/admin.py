@@ -279,12 +279,13 @@ class AdminServer:
         position = since
         try:
             while True:
-                lines = [
+                events = store.events_since(position)
+                lines: list[dict[str, Any]] = [
                     {"type": str(e.type), "revision": e.revision, "object": e.object.to_dict()}
-                    for e in store.events_since(position)
+                    for e in events
                 ]
-                if lines:
-                    position = lines[-1]["revision"]
+                if events:
+                    position = events[-1].revision
                 elif not await store.wait_past(position, WATCH_BOOKMARK_SECONDS):
                     # A bookmark keeps idle streams alive and finds clients that went away.
                     lines = [{"type": "BOOKMARK", "revision": store.revision}]
