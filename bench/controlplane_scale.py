@@ -256,6 +256,26 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def push_histogram(server: str) -> dict[float, float]:
+    """Cumulative bucket counts of the control plane's own push-latency histogram."""
+    buckets: dict[float, float] = {}
+    for line in httpx.get(f"{server}/metrics", timeout=10).text.splitlines():
+        if line.startswith("meshway_xds_push_latency_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the bucket holding quantile q of the observations between two reads."""
+    counts = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = counts[-1][1] if counts else 0.0
+    for le, cumulative in counts:
+        if total and cumulative >= q * total:
+            return le
+    return float("nan")
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
@@ -263,7 +283,11 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="meshway-bench-cp-"))
+    with tempfile.TemporaryDirectory(prefix="meshway-bench-cp-") as tmp:
+        return measure(args, Path(tmp))
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "controlplane_scale",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -341,6 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             per_sub: list[float] = []
             per_change: list[float] = []
+            hist_before = push_histogram(cp.server)
             wl0 = yaml.safe_load_all(text)
             base = next(
                 d for d in wl0 if d["kind"] == "Workload" and d["metadata"]["name"] == "wl-0"
@@ -376,7 +401,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "per_subscriber_p50": round(percentile(per_sub, 50) * 1000, 1),
                 "per_subscriber_p99": round(percentile(per_sub, 99) * 1000, 1),
             }
+            hist_after = push_histogram(cp.server)
+            result["server_push_ms_bucket_upper_bound"] = {
+                "p50": bucket_quantile(hist_before, hist_after, 0.5) * 1000,
+                "p99": bucket_quantile(hist_before, hist_after, 0.99) * 1000,
+            }
             print(f"one change to all subscribers: {result['change_to_all_ms']}", flush=True)
+            print(f"server-side push latency: {result['server_push_ms_bucket_upper_bound']}")
         finally:
             for p in pipes:
                 p.send("stop")
@@ -385,7 +416,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if proc.is_alive():
                     proc.kill()
 
-        identities = [f"spiffe://cluster.local/ns/ns-0/sa/sa-{k}" for k in range(10)]
         # Workloads of node-0 live in namespaces where w % nodes == 0; pick one that is there.
         first = next(w for w in range(args.workloads) if w % args.nodes == 0)
         ns0 = first % max(1, args.services // 10)

@@ -720,3 +720,51 @@ def test_destination_rule_subset_names_unique() -> None:
         """
     )
     assert (issue.path, issue.message) == ("spec.subsets[1].name", "duplicate subset 'v1'")
+
+
+def test_every_authorization_field_of_the_brief_round_trips() -> None:
+    """BRIEF §3 names these fields; each must exist in the typed model (and survive to_dict)."""
+    policy = parse_one(
+        AP_HEAD,
+        """\
+        spec:
+          action: DENY
+          rules:
+          - from:
+            - source:
+                principals: [cluster.local/ns/a/sa/b]
+                notPrincipals: [cluster.local/ns/a/sa/c]
+                requestPrincipals: [issuer/subject]
+                notRequestPrincipals: [issuer/other]
+                namespaces: [a]
+                notNamespaces: [b]
+                ipBlocks: [10.0.0.0/8]
+                notIpBlocks: [10.1.0.0/16]
+                remoteIpBlocks: [192.0.2.0/24]
+                notRemoteIpBlocks: [192.0.2.7]
+                trustDomains: [cluster.local]
+                notTrustDomains: [evil.example]
+            - source: {serviceAccounts: [x], notServiceAccounts: [other/y]}
+            to:
+            - operation:
+                hosts: [a.example]
+                notHosts: [b.example]
+                ports: ["80"]
+                notPorts: ["81"]
+                methods: [GET]
+                notMethods: [DELETE]
+                paths: [/api/*]
+                notPaths: [/api/admin]
+            when:
+            - key: request.headers[x-env]
+              values: [prod]
+              notValues: [dev]
+        """,
+    )
+    assert isinstance(policy, AuthorizationPolicy)
+    sources = [f["source"] for f in policy.to_dict()["spec"]["rules"][0]["from"]]
+    assert sources[0]["trustDomains"] == ["cluster.local"]
+    assert sources[0]["notTrustDomains"] == ["evil.example"]
+    assert len(sources[0]) + len(sources[1]) == 14
+    operation = policy.to_dict()["spec"]["rules"][0]["to"][0]["operation"]
+    assert len(operation) == 8

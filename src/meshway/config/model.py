@@ -841,6 +841,10 @@ class Source(MeshModel):
     not_ip_blocks: list[str] = Field(default_factory=list)
     remote_ip_blocks: list[str] = Field(default_factory=list)
     not_remote_ip_blocks: list[str] = Field(default_factory=list)
+    # A Meshway extension (named in our brief; Istio matches trust domains through principals):
+    # the peer's SPIFFE trust domain must (not) be one of these.
+    trust_domains: list[str] = Field(default_factory=list)
+    not_trust_domains: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Source:
@@ -855,6 +859,8 @@ class Source(MeshModel):
                 _check_each(problems, alias, values, _ip_or_cidr_error)
             elif name.endswith("service_accounts"):
                 _check_each(problems, alias, values, _service_account_error)
+            elif name.endswith("trust_domains"):
+                _check_each(problems, alias, values, dns_subdomain_error)
             else:
                 _check_each(problems, alias, values, _not_empty)
         identities = self.principals or self.not_principals or self.namespaces

@@ -48,11 +48,27 @@ class ClusterNetwork:
         return cls(ipaddress.ip_network(pod_cidr), ipaddress.ip_network(service_cidr), node_prefix)
 
 
-def _host_addresses(network: IPNetwork) -> Iterator[IPAddress]:
-    """Usable addresses, skipping the first (the node's gateway in the local runtime)."""
-    hosts = network.hosts()
-    next(hosts, None)
-    yield from hosts
+class _AddressPool:
+    """Free addresses of one network, handed out lowest first within one admission.
+
+    The scan resumes where the previous allocation stopped, so a batch of N allocations costs
+    O(N + used), not O(N * used). The first host address is skipped: the local runtime gives
+    it to the node's gateway (and Kubernetes to the `kubernetes` Service).
+    """
+
+    def __init__(self, network: IPNetwork, used: set[str]) -> None:
+        self.network = network
+        self.used = used
+        self._candidates = network.hosts()
+        next(self._candidates, None)
+
+    def take(self) -> str | None:
+        for candidate in self._candidates:
+            text = str(candidate)
+            if text not in self.used:
+                self.used.add(text)
+                return text
+        return None
 
 
 class Admission:
@@ -119,6 +135,12 @@ class Admission:
             for s in self.store.list("Service")
             if isinstance(s, Service) and s.spec.cluster_ip and s.spec.cluster_ip != "None"
         }
+        pools: dict[str, _AddressPool] = {}
+        # Addresses asked for explicitly in this batch are not handed out to others in it.
+        requested = {
+            o.spec.cluster_ip for o in batch if isinstance(o, Service) and o.spec.cluster_ip
+        }
+        service_pool = _AddressPool(self.network.service_cidr, set(used_vips) | requested)
         admitted: list[Resource] = []
         for obj in ordered:
             old = self.store.get(obj.key)
@@ -126,9 +148,9 @@ class Admission:
                 if isinstance(obj, Node):
                     obj = self._assign_node(obj, old, node_cidrs)
                 elif isinstance(obj, Workload):
-                    obj = self._assign_workload(obj, old, node_cidrs, used_pod_ips)
+                    obj = self._assign_workload(obj, old, node_cidrs, used_pod_ips, pools)
                 elif isinstance(obj, Service):
-                    obj = self._assign_service(obj, old, used_vips)
+                    obj = self._assign_service(obj, old, used_vips, service_pool)
             except _AssignError as exc:
                 source, doc = sources.get(obj.key, ("", 0))
                 issues.append(
@@ -171,6 +193,7 @@ class Admission:
         old: Resource | None,
         node_cidrs: dict[str, str],
         used: set[str],
+        pools: dict[str, _AddressPool],
     ) -> Workload:
         ip = old.status.pod_ip if isinstance(old, Workload) else None
         if not ip:
@@ -179,21 +202,24 @@ class Admission:
                 raise _AssignError(
                     "spec.nodeName", f"node '{workload.spec.node_name}' has no pod CIDR yet"
                 )
-            for candidate in _host_addresses(ipaddress.ip_network(cidr)):
-                if str(candidate) not in used:
-                    ip = str(candidate)
-                    break
-            else:
+            pool = pools.get(cidr)
+            if pool is None:
+                pool = pools[cidr] = _AddressPool(ipaddress.ip_network(cidr), used)
+            ip = pool.take()
+            if ip is None:
                 raise _AssignError(
                     "status.podIP", f"node '{workload.spec.node_name}' has no free pod IP in {cidr}"
                 )
-            used.add(ip)
         phase = workload.status.phase or "Pending"
         status = workload.status.model_copy(update={"pod_ip": ip, "phase": phase})
         return workload.model_copy(update={"status": status})
 
     def _assign_service(
-        self, service: Service, old: Resource | None, used: dict[str, ObjectKey]
+        self,
+        service: Service,
+        old: Resource | None,
+        used: dict[str, ObjectKey],
+        pool: _AddressPool,
     ) -> Service:
         wanted = service.spec.cluster_ip
         if not wanted and isinstance(old, Service):
@@ -214,11 +240,8 @@ class Admission:
                     f"{wanted} is already used by Service {owner.namespace}/{owner.name}",
                 )
         else:
-            for candidate in _host_addresses(self.network.service_cidr):
-                if str(candidate) not in used:
-                    wanted = str(candidate)
-                    break
-            else:
+            wanted = pool.take()
+            if wanted is None:
                 raise _AssignError(
                     "spec.clusterIP", f"service CIDR {self.network.service_cidr} is exhausted"
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -67,6 +68,20 @@ def load_or_create_admin_token(state_dir: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+LARGE_BATCH = 1000
+
+
+def _settle_heap() -> None:
+    """Move the (large, long-lived) configuration out of the collector's sight.
+
+    A full collection walks every object the store and translator hold (about 0.2 s at 10,000
+    workloads), and one landing during a push shows up as push latency. Objects frozen here are
+    still freed by reference counting when they are replaced or deleted.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class RequestDenied(Exception):
@@ -263,6 +278,8 @@ class ControlPlane:
                 for change in changes:
                     change.started = first_seen
                 self.cache.apply(changes)
+                if len(batch) >= LARGE_BATCH:
+                    _settle_heap()
         finally:
             watcher.cancel()
 
@@ -280,6 +297,7 @@ class ControlPlane:
         self.cache.apply(changes)
         while not queue.empty():
             queue.get_nowait()
+        _settle_heap()
 
         async def watch() -> None:
             async for event in self.store.watch(revision):

@@ -362,6 +362,8 @@ class MeshTranslator:
                     not_ip_blocks=src.not_ip_blocks or [],
                     remote_ip_blocks=src.remote_ip_blocks or [],
                     not_remote_ip_blocks=src.not_remote_ip_blocks or [],
+                    trust_domains=src.trust_domains,
+                    not_trust_domains=src.not_trust_domains,
                 )
             for to in rule.to or []:
                 op = to.operation

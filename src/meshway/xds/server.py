@@ -67,6 +67,8 @@ class Change:
     removed: set[str]
     version: str
     started: float = field(default_factory=time.monotonic)
+    # A connection's first response of a type: large, so their number in flight is bounded.
+    full_state: bool = False
 
 
 class ResourceCache:
@@ -98,10 +100,12 @@ class ResourceCache:
 class _TypeState:
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
-    # What we sent (whether or not it was ACKed), so a NACKed version is not sent again.
-    sent: dict[str, str] = field(default_factory=dict)
-    acked: dict[str, str] = field(default_factory=dict)
-    pending: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    # No per-resource bookkeeping: a connection is sent every change of the resources it wants,
+    # in order, so what it holds is the cache as of its last response. That keeps a connection's
+    # memory constant however large the mesh (100 proxies x 11,000 resources would otherwise
+    # mean a million dict entries). A NACKed version is not sent again because the cache only
+    # emits a resource when its content changes.
+    pending: dict[str, str] = field(default_factory=dict)
     last_nonce: str = ""
     last_version: str = ""
     acked_version: str = ""
@@ -125,7 +129,7 @@ class _Connection:
         self.connected_at = time.time()
         self.cache = cache
         self.types: dict[str, _TypeState] = {}
-        self.outbox: asyncio.Queue[Change | discovery_pb2.DeltaDiscoveryResponse] = asyncio.Queue()
+        self.outbox: asyncio.Queue[Change] = asyncio.Queue()
         self._nonces = itertools.count(1)
 
     def enqueue(self, change: Change) -> None:
@@ -159,9 +163,6 @@ class _Connection:
         added = subscribe - {"*"} - state.names
         state.names |= subscribe - {"*"}
         state.names -= unsubscribe
-        for name in unsubscribe:
-            state.sent.pop(name, None)
-            state.acked.pop(name, None)
         if added and not first:
             have = self.cache.resources[type_url]
             updated = {n: have[n] for n in added if n in have}
@@ -172,12 +173,11 @@ class _Connection:
         have = self.cache.resources[type_url]
         # The client keeps what it had across reconnects: resources at the version it already
         # holds are not sent again, names it holds that no longer exist are removed.
-        state.sent.update(known)
-        updated = {n: r for n, r in have.items() if state.wants(n)}
+        updated = {n: r for n, r in have.items() if state.wants(n) and known.get(n) != r.version}
         removed = {n for n in known if n not in have}
         if not state.wildcard:
             removed |= {n for n in state.names if n not in have}
-        return Change(type_url, updated, removed, self.cache.version)
+        return Change(type_url, updated, removed, self.cache.version, full_state=True)
 
     def _ack_or_nack(
         self, type_url: str, state: _TypeState, req: discovery_pb2.DeltaDiscoveryRequest
@@ -185,7 +185,7 @@ class _Connection:
         pending = state.pending.pop(req.response_nonce, None)
         if pending is None:
             return  # a stale nonce: the xDS spec says to ignore it
-        version, versions = pending
+        version = pending
         if req.HasField("error_detail"):
             state.nacked_version = version
             state.error = req.error_detail.message
@@ -193,7 +193,6 @@ class _Connection:
             CONTROLPLANE.xds_nacks.labels(type_url=type_url).inc()
             log.warning("%s NACKed %s version %s: %s", self.id, type_url, version, state.error)
         else:
-            state.acked.update(versions)
             state.acked_version = version
             if state.status is not SyncStatus.NACKED or version != state.nacked_version:
                 state.error = ""
@@ -201,26 +200,16 @@ class _Connection:
 
     def build_response(self, change: Change) -> discovery_pb2.DeltaDiscoveryResponse | None:
         state = self.types[change.type_url]
-        updated = [
-            r
-            for name, r in change.updated.items()
-            if state.wants(name) and state.sent.get(name) != r.version
-        ]
-        removed = [
-            n
-            for n in change.removed
-            if n in state.sent or (not state.wildcard and n in state.names)
-        ]
+        if state.wildcard:
+            updated = list(change.updated.values())
+            removed = list(change.removed)
+        else:
+            updated = [r for name, r in change.updated.items() if name in state.names]
+            removed = [n for n in change.removed if n in state.names]
         if not updated and not removed:
             return None
         nonce = str(next(self._nonces))
-        versions = {r.name: r.version for r in updated}
-        for r in updated:
-            state.sent[r.name] = r.version
-        for name in removed:
-            state.sent.pop(name, None)
-            state.acked.pop(name, None)
-        state.pending[nonce] = (change.version, versions)
+        state.pending[nonce] = change.version
         state.last_nonce = nonce
         state.last_version = change.version
         if state.status is not SyncStatus.NACKED:
@@ -232,6 +221,10 @@ class _Connection:
             removed_resources=removed,
             nonce=nonce,
         )
+
+    def _holding(self, type_url: str, state: _TypeState) -> int:
+        have = self.cache.resources[type_url]
+        return len(have) if state.wildcard else sum(1 for n in state.names if n in have)
 
     def syncz(self) -> dict[str, object]:
         return {
@@ -246,7 +239,7 @@ class _Connection:
                     "acked_version": state.acked_version,
                     "nacked_version": state.nacked_version or None,
                     "error": state.error or None,
-                    "resources": len(state.sent),
+                    "resources": self._holding(type_url, state),
                     "wildcard": state.wildcard,
                 }
                 for type_url, state in self.types.items()
@@ -257,9 +250,15 @@ class _Connection:
 class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """Delta ADS over gRPC; State-of-the-World streams are refused with UNIMPLEMENTED."""
 
-    def __init__(self, cache: ResourceCache, authenticate: Authenticator) -> None:
+    def __init__(
+        self, cache: ResourceCache, authenticate: Authenticator, full_state_concurrency: int = 8
+    ) -> None:
         self.cache = cache
         self.authenticate = authenticate
+        # When many proxies connect at once (a control-plane restart), each full state is a
+        # multi-megabyte message; bounding how many are being built and written at a time
+        # bounds the memory they take, as istiod's push throttle does.
+        self._full_state_slots = asyncio.Semaphore(full_state_concurrency)
 
     async def StreamAggregatedResources(
         self,
@@ -301,14 +300,17 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
                     getter.cancel()
                     reader.result()  # re-raise a reader failure
                     return
-                item = getter.result()
-                response = item if not isinstance(item, Change) else conn.build_response(item)
-                if response is None:
-                    continue
-                await context.write(response)
-                if isinstance(item, Change):
-                    CONTROLPLANE.xds_pushes.labels(type_url=item.type_url).inc()
-                    CONTROLPLANE.xds_push_latency.observe(time.monotonic() - item.started)
+                change = getter.result()
+                slot = self._full_state_slots if change.full_state else contextlib.nullcontext()
+                async with slot:
+                    response = conn.build_response(change)
+                    if response is None:
+                        continue
+                    await context.write(response)
+                    del response
+                CONTROLPLANE.xds_pushes.labels(type_url=change.type_url).inc()
+                if not change.full_state:
+                    CONTROLPLANE.xds_push_latency.observe(time.monotonic() - change.started)
         finally:
             reader.cancel()
             with contextlib.suppress(BaseException):

@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshway/api/v1/authorization.proto\x12\x0emeshway.api.v1\"\xb6\x02\n\x06Source\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12\x16\n\x0enot_principals\x18\x02 \x03(\t\x12\x1a\n\x12request_principals\x18\x03 \x03(\t\x12\x1e\n\x16not_request_principals\x18\x04 \x03(\t\x12\x12\n\nnamespaces\x18\x05 \x03(\t\x12\x16\n\x0enot_namespaces\x18\x06 \x03(\t\x12\x18\n\x10service_accounts\x18\x07 \x03(\t\x12\x1c\n\x14not_service_accounts\x18\x08 \x03(\t\x12\x11\n\tip_blocks\x18\t \x03(\t\x12\x15\n\rnot_ip_blocks\x18\n \x03(\t\x12\x18\n\x10remote_ip_blocks\x18\x0b \x03(\t\x12\x1c\n\x14not_remote_ip_blocks\x18\x0c \x03(\t\"\x97\x01\n\tOperation\x12\r\n\x05hosts\x18\x01 \x03(\t\x12\x11\n\tnot_hosts\x18\x02 \x03(\t\x12\r\n\x05ports\x18\x03 \x03(\r\x12\x11\n\tnot_ports\x18\x04 \x03(\r\x12\x0f\n\x07methods\x18\x05 \x03(\t\x12\x13\n\x0bnot_methods\x18\x06 \x03(\t\x12\r\n\x05paths\x18\x07 \x03(\t\x12\x11\n\tnot_paths\x18\x08 \x03(\t\"<\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x12\n\nnot_values\x18\x03 \x03(\t\"|\n\x04Rule\x12$\n\x04\x66rom\x18\x01 \x03(\x0b\x32\x16.meshway.api.v1.Source\x12%\n\x02to\x18\x02 \x03(\x0b\x32\x19.meshway.api.v1.Operation\x12\'\n\x04when\x18\x03 \x03(\x0b\x32\x19.meshway.api.v1.Condition\"I\n\tTargetRef\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\xe5\x01\n\rAuthorization\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12$\n\x05scope\x18\x03 \x01(\x0e\x32\x15.meshway.api.v1.Scope\x12&\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x16.meshway.api.v1.Action\x12#\n\x05rules\x18\x05 \x03(\x0b\x32\x14.meshway.api.v1.Rule\x12.\n\x0btarget_refs\x18\x06 \x03(\x0b\x32\x19.meshway.api.v1.TargetRef\x12\x10\n\x08provider\x18\x07 \x01(\t*4\n\x06\x41\x63tion\x12\t\n\x05\x41LLOW\x10\x00\x12\x08\n\x04\x44\x45NY\x10\x01\x12\t\n\x05\x41UDIT\x10\x02\x12\n\n\x06\x43USTOM\x10\x03*I\n\x05Scope\x12\x15\n\x11WORKLOAD_SELECTOR\x10\x00\x12\r\n\tNAMESPACE\x10\x01\x12\n\n\x06GLOBAL\x10\x02\x12\x0e\n\nTARGET_REF\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshway/api/v1/authorization.proto\x12\x0emeshway.api.v1\"\xe8\x02\n\x06Source\x12\x12\n\nprincipals\x18\x01 \x03(\t\x12\x16\n\x0enot_principals\x18\x02 \x03(\t\x12\x1a\n\x12request_principals\x18\x03 \x03(\t\x12\x1e\n\x16not_request_principals\x18\x04 \x03(\t\x12\x12\n\nnamespaces\x18\x05 \x03(\t\x12\x16\n\x0enot_namespaces\x18\x06 \x03(\t\x12\x18\n\x10service_accounts\x18\x07 \x03(\t\x12\x1c\n\x14not_service_accounts\x18\x08 \x03(\t\x12\x11\n\tip_blocks\x18\t \x03(\t\x12\x15\n\rnot_ip_blocks\x18\n \x03(\t\x12\x18\n\x10remote_ip_blocks\x18\x0b \x03(\t\x12\x1c\n\x14not_remote_ip_blocks\x18\x0c \x03(\t\x12\x15\n\rtrust_domains\x18\r \x03(\t\x12\x19\n\x11not_trust_domains\x18\x0e \x03(\t\"\x97\x01\n\tOperation\x12\r\n\x05hosts\x18\x01 \x03(\t\x12\x11\n\tnot_hosts\x18\x02 \x03(\t\x12\r\n\x05ports\x18\x03 \x03(\r\x12\x11\n\tnot_ports\x18\x04 \x03(\r\x12\x0f\n\x07methods\x18\x05 \x03(\t\x12\x13\n\x0bnot_methods\x18\x06 \x03(\t\x12\r\n\x05paths\x18\x07 \x03(\t\x12\x11\n\tnot_paths\x18\x08 \x03(\t\"<\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x12\n\nnot_values\x18\x03 \x03(\t\"|\n\x04Rule\x12$\n\x04\x66rom\x18\x01 \x03(\x0b\x32\x16.meshway.api.v1.Source\x12%\n\x02to\x18\x02 \x03(\x0b\x32\x19.meshway.api.v1.Operation\x12\'\n\x04when\x18\x03 \x03(\x0b\x32\x19.meshway.api.v1.Condition\"I\n\tTargetRef\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\xe5\x01\n\rAuthorization\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12$\n\x05scope\x18\x03 \x01(\x0e\x32\x15.meshway.api.v1.Scope\x12&\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x16.meshway.api.v1.Action\x12#\n\x05rules\x18\x05 \x03(\x0b\x32\x14.meshway.api.v1.Rule\x12.\n\x0btarget_refs\x18\x06 \x03(\x0b\x32\x19.meshway.api.v1.TargetRef\x12\x10\n\x08provider\x18\x07 \x01(\t*4\n\x06\x41\x63tion\x12\t\n\x05\x41LLOW\x10\x00\x12\x08\n\x04\x44\x45NY\x10\x01\x12\t\n\x05\x41UDIT\x10\x02\x12\n\n\x06\x43USTOM\x10\x03*I\n\x05Scope\x12\x15\n\x11WORKLOAD_SELECTOR\x10\x00\x12\r\n\tNAMESPACE\x10\x01\x12\n\n\x06GLOBAL\x10\x02\x12\x0e\n\nTARGET_REF\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshway.api.v1.authorization_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTION']._serialized_start=1016
-  _globals['_ACTION']._serialized_end=1068
-  _globals['_SCOPE']._serialized_start=1070
-  _globals['_SCOPE']._serialized_end=1143
+  _globals['_ACTION']._serialized_start=1066
+  _globals['_ACTION']._serialized_end=1118
+  _globals['_SCOPE']._serialized_start=1120
+  _globals['_SCOPE']._serialized_end=1193
   _globals['_SOURCE']._serialized_start=55
-  _globals['_SOURCE']._serialized_end=365
-  _globals['_OPERATION']._serialized_start=368
-  _globals['_OPERATION']._serialized_end=519
-  _globals['_CONDITION']._serialized_start=521
-  _globals['_CONDITION']._serialized_end=581
-  _globals['_RULE']._serialized_start=583
-  _globals['_RULE']._serialized_end=707
-  _globals['_TARGETREF']._serialized_start=709
-  _globals['_TARGETREF']._serialized_end=782
-  _globals['_AUTHORIZATION']._serialized_start=785
-  _globals['_AUTHORIZATION']._serialized_end=1014
+  _globals['_SOURCE']._serialized_end=415
+  _globals['_OPERATION']._serialized_start=418
+  _globals['_OPERATION']._serialized_end=569
+  _globals['_CONDITION']._serialized_start=571
+  _globals['_CONDITION']._serialized_end=631
+  _globals['_RULE']._serialized_start=633
+  _globals['_RULE']._serialized_end=757
+  _globals['_TARGETREF']._serialized_start=759
+  _globals['_TARGETREF']._serialized_end=832
+  _globals['_AUTHORIZATION']._serialized_start=835
+  _globals['_AUTHORIZATION']._serialized_end=1064
 # @@protoc_insertion_point(module_scope)

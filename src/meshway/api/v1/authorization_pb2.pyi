@@ -84,6 +84,8 @@ class Source(_message.Message):
     NOT_IP_BLOCKS_FIELD_NUMBER: _builtins.int
     REMOTE_IP_BLOCKS_FIELD_NUMBER: _builtins.int
     NOT_REMOTE_IP_BLOCKS_FIELD_NUMBER: _builtins.int
+    TRUST_DOMAINS_FIELD_NUMBER: _builtins.int
+    NOT_TRUST_DOMAINS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def principals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -108,6 +110,10 @@ class Source(_message.Message):
     def remote_ip_blocks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def not_remote_ip_blocks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def trust_domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def not_trust_domains(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -123,10 +129,12 @@ class Source(_message.Message):
         not_ip_blocks: _abc.Iterable[_builtins.str] | None = ...,
         remote_ip_blocks: _abc.Iterable[_builtins.str] | None = ...,
         not_remote_ip_blocks: _abc.Iterable[_builtins.str] | None = ...,
+        trust_domains: _abc.Iterable[_builtins.str] | None = ...,
+        not_trust_domains: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip_blocks", b"ip_blocks", "namespaces", b"namespaces", "not_ip_blocks", b"not_ip_blocks", "not_namespaces", b"not_namespaces", "not_principals", b"not_principals", "not_remote_ip_blocks", b"not_remote_ip_blocks", "not_request_principals", b"not_request_principals", "not_service_accounts", b"not_service_accounts", "principals", b"principals", "remote_ip_blocks", b"remote_ip_blocks", "request_principals", b"request_principals", "service_accounts", b"service_accounts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip_blocks", b"ip_blocks", "namespaces", b"namespaces", "not_ip_blocks", b"not_ip_blocks", "not_namespaces", b"not_namespaces", "not_principals", b"not_principals", "not_remote_ip_blocks", b"not_remote_ip_blocks", "not_request_principals", b"not_request_principals", "not_service_accounts", b"not_service_accounts", "not_trust_domains", b"not_trust_domains", "principals", b"principals", "remote_ip_blocks", b"remote_ip_blocks", "request_principals", b"request_principals", "service_accounts", b"service_accounts", "trust_domains", b"trust_domains"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,37 @@
+"""A seconds-long run of the control-plane scale benchmark: it must produce every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.e2e
+
+
+def test_controlplane_scale_quick(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "controlplane_scale.py"),
+            "--quick",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((tmp_path / "controlplane_scale.json").read_text())
+    assert result["full_state_s"]["median"] > 0
+    assert result["change_to_all_ms"]["p99"] > 0
+    assert result["csr_per_s_grpc"] > 0
+    assert result["rss_mb"]["peak"] > 0
+    assert set(result["met"]) == {"full_state_s", "change_to_all_p99_ms", "csr_per_s", "rss_mb"}
+    assert "| measure | result | target |" in (tmp_path / "controlplane_scale.md").read_text()
