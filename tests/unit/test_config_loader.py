@@ -483,3 +483,27 @@ def test_service_account_and_node_deletion_with_dependents() -> None:
     ]
     unused = Node(metadata=ObjectMeta(name="node-2"))
     assert check_deletions([unused.key], [*objects, unused]) == []
+
+
+def test_alias_bomb_is_refused_quickly() -> None:
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        prev = chr(ord("a") + i - 1)
+        cur = chr(ord("a") + i)
+        levels.append(f"{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    bomb = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: boom\n  annotations:\n"
+    bomb += "".join(f"    {line}\n" for line in levels)
+    with pytest.raises(ConfigError) as caught:
+        parse_documents(bomb, "bomb.yaml")
+    (issue,) = caught.value.issues
+    assert "expands to more than" in issue.message and issue.document == 1
+
+
+def test_small_anchors_still_work() -> None:
+    text = (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n"
+        "spec:\n  selector: &sel {app: web}\n  ports: [{port: 80}]\n"
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: web2, namespace: shop}\n"
+        "spec:\n  selector: {app: web2}\n  ports: [{port: 80}]\n"
+    )
+    assert [o.metadata.name for o in parse_documents(text, "ok.yaml")] == ["web", "web2"]

@@ -28,6 +28,13 @@ _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+MAX_ALIAS_EXPANSION = 100_000
+
+
+class ExcessiveAliasing(yaml.YAMLError):
+    pass
+
+
 class _ManifestLoader(_YamlLoaderBase):  # type: ignore[misc,valid-type]
     """Safe YAML read the way Kubernetes reads it.
 
@@ -43,6 +50,31 @@ class _ManifestLoader(_YamlLoaderBase):  # type: ignore[misc,valid-type]
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.duplicate_keys: list[tuple[str, yaml.Mark]] = []
+        self._sizes: dict[int, int] = {}
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Refuse alias bombs ("billion laughs"): a few anchors can stand for billions of nodes
+        once expanded, which validation would then walk. Counted on the composed graph, where
+        an aliased node is shared, so the count itself is cheap."""
+        self._sizes.clear()
+        if self._size(node) > MAX_ALIAS_EXPANSION:
+            raise ExcessiveAliasing(
+                f"the document expands to more than {MAX_ALIAS_EXPANSION} nodes through aliases"
+            )
+        return super().construct_document(node)
+
+    def _size(self, node: yaml.Node) -> int:
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        if isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._size(v) for v in node.value)
+        else:
+            size = 1
+        self._sizes[id(node)] = size
+        return size
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: set[str] = set()
