@@ -50,6 +50,7 @@ def main() -> int:
         run(["meshway", "get", "nodes"], env)
         run(["meshway", "get", "workloads", "-A"], env)
         run(["meshway", "get", "services", "-A"], env)
+        run(["meshway", "get", "endpoints", "-n", "shop"], env)
         run(["meshway", "get", "all", "-n", "shop"], env)
 
         step("A bad config is rejected with the file, document, object and field")

@@ -449,3 +449,54 @@ def test_admin_endpoints(cli: Cli, controlplane: ControlPlaneProcess, tmp_path: 
     ).json()
     assert config["trustDomain"] == "cluster.local" and config["nodes"] == ["node-1"]
     assert config["xds"][ADDRESS_TYPE] == 8  # 4 workloads + 4 services
+
+
+def test_endpoints_follow_selectors(cli: Cli) -> None:
+    cli.ok("apply", "-f", str(EXAMPLES))
+    eps = json.loads(cli.ok("get", "endpoints", "-n", "shop", "-o", "json"))["items"]
+    by_service = {e["service"]: e["endpoints"] for e in eps}
+    assert {e["workload"] for e in by_service["backend"]} == {"backend-v1", "backend-v2"}
+    assert [e["workload"] for e in by_service["backend-v2"]] == ["backend-v2"]
+    ip = next(e["ip"] for e in by_service["backend"] if e["workload"] == "backend-v1")
+    table = cli.ok("get", "ep", "-n", "shop")
+    assert f"{ip}:8080" in table
+    # A label change moves the workload out of the service.
+    retired = workload_doc("backend-v1", "node-2", {"app": "retired"}, sa="backend")
+    cli.ok("apply", "-f", "-", stdin=retired)
+    eps = json.loads(cli.ok("get", "ep", "backend", "-n", "shop", "-o", "json"))["items"]
+    assert [e["workload"] for e in eps[0]["endpoints"]] == ["backend-v2"]
+
+
+def test_version(cli: Cli) -> None:
+    out = cli.ok("version")
+    assert "client: 0.1.0" in out and "control plane: 0.1.0" in out
+
+
+def test_garbage_on_every_port_leaves_the_control_plane_serving(
+    cli: Cli, controlplane: ControlPlaneProcess
+) -> None:
+    import socket
+
+    for port in (controlplane.grpc_port, controlplane.admin_port):
+        for payload in (
+            b"\x16\x03\x01\x00\xff" + b"\x00" * 300,
+            b"GARBAGE\r\n\r\n" * 100,
+            b"\xff" * 70000,
+        ):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                try:
+                    s.sendall(payload)
+                    s.settimeout(5)
+                    while s.recv(65536):
+                        pass
+                except OSError:
+                    pass  # a reset is a fine answer to garbage
+    bad_json = httpx.post(
+        f"{controlplane.server}/api/v1/apply",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {controlplane.token}"},
+    )
+    assert bad_json.status_code == 400
+    assert "sources" in bad_json.json()["error"]
+    assert "namespace/default" not in cli.ok("apply", "-f", str(EXAMPLES))
+    assert httpx.get(f"{controlplane.server}/readyz").status_code == 200

@@ -216,3 +216,20 @@ def test_waypoint_labels() -> None:
     # waypoint-for: service, so workloads do not get it.
     wl = decode_address(changes[ADDRESS_TYPE], "shop/backend-1").workload
     assert not wl.HasField("waypoint")
+
+
+def test_named_target_port_missing_on_a_workload_maps_nowhere() -> None:
+    t = MeshTranslator(MeshSettings())
+    objs = [o for o in mesh() if o.metadata.name != "frontend-1"]
+    objs.append(
+        obj(
+            "Workload",
+            "frontend-1",
+            metadata={"labels": {"app": "backend"}},
+            spec={"nodeName": "node-1", "command": ["sleep", "1"]},  # no port named "http"
+            status={"podIP": "10.244.0.9"},
+        )
+    )
+    changes = by_type(t.full(objs, "1"))
+    wl = decode_address(changes[ADDRESS_TYPE], "shop/frontend-1").workload
+    assert list(wl.services["shop/backend.shop.svc.cluster.local"].ports) == []

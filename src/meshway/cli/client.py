@@ -81,6 +81,10 @@ class ControlPlaneClient:
         params = {k: v for k, v in (("kind", kind), ("namespace", namespace), ("name", name)) if v}
         return self.request("GET", "/api/v1/objects", params=params)
 
+    def endpoints(self, namespace: str | None = None, name: str | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in (("namespace", namespace), ("name", name)) if v}
+        return self.request("GET", "/api/v1/endpoints", params=params)
+
     def proxies(self) -> dict[str, Any]:
         return self.request("GET", "/api/v1/proxies")
 

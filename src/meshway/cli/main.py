@@ -230,6 +230,9 @@ def get(
         _fail(f"unknown output format '{output}' (table, yaml, json)", 2)
     ns = None if all_namespaces else (namespace or "default")
     client = ControlPlaneClient(server, token)
+    if kind in ("endpoints", "endpoint", "ep"):
+        _print_endpoints(_call(client.endpoints, ns, name)["items"], output)
+        return
     if kind == "all":
         result = _call(client.list, None, ns, name)
     else:
@@ -248,6 +251,30 @@ def get(
         out.print(yaml.safe_dump_all(docs, sort_keys=False).rstrip(), markup=False)
     else:
         _print_table(items, show_kind=kind == "all")
+
+
+def _print_endpoints(items: list[dict[str, Any]], output: str) -> None:
+    if output == "json":
+        out.print_json(json.dumps({"items": items}))
+        return
+    if output == "yaml":
+        out.print(yaml.safe_dump({"items": items}, sort_keys=False).rstrip(), markup=False)
+        return
+    if not items:
+        err.print("No resources found.")
+        return
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for h in ("NAMESPACE", "NAME", "ENDPOINTS"):
+        table.add_column(h, no_wrap=True)
+    for item in items:
+        addrs = [
+            f"{e['ip'] or '<pending>'}:{p['targetPort']}"
+            for e in item["endpoints"]
+            for p in e["ports"]
+        ]
+        shown = ",".join(addrs[:4]) + (f" + {len(addrs) - 4} more" if len(addrs) > 4 else "")
+        table.add_row(item["namespace"], item["service"], shown or "<none>")
+    out.print(table)
 
 
 @app.command("proxy-status")

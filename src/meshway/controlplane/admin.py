@@ -17,7 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from meshway import __version__
 from meshway.config.errors import ConfigError, ConfigIssue
-from meshway.config.model import ObjectKey, kind_for
+from meshway.config.model import ObjectKey, Service, Workload, kind_for
+from meshway.config.selection import service_endpoints
 from meshway.config.store import ResourceVersionTooOld
 from meshway.telemetry.metrics import CONTROLPLANE
 
@@ -75,6 +76,7 @@ class AdminServer:
         r.add_post("/api/v1/delete", self.delete)
         r.add_get("/api/v1/objects", self.list_objects)
         r.add_get("/api/v1/watch", self.watch)
+        r.add_get("/api/v1/endpoints", self.endpoints)
         r.add_post("/api/v1/nodes/{name}/join", self.join)
         r.add_get("/api/v1/proxies", self.syncz)
         self._runner: web.AppRunner | None = None
@@ -262,6 +264,38 @@ class AdminServer:
         if name is not None and not items:
             return _error(404, f"{kind or 'object'} '{name}' not found")
         return _json({"revision": self.cp.store.revision, "items": items})
+
+    async def endpoints(self, request: web.Request) -> web.Response:
+        """Each Service with the workloads its selector picks (Kubernetes' Endpoints)."""
+        namespace = request.query.get("namespace") or None
+        name = request.query.get("name")
+        store = self.cp.store
+        workloads = [w for w in store.list("Workload", namespace) if isinstance(w, Workload)]
+        services = [
+            s
+            for s in store.list("Service", namespace)
+            if isinstance(s, Service) and (name is None or s.metadata.name == name)
+        ]
+        if name is not None and not services:
+            return _error(404, f"Service '{name}' not found")
+        items = []
+        for svc in sorted(services, key=lambda s: (s.metadata.namespace or "", s.metadata.name)):
+            items.append(
+                {
+                    "namespace": svc.metadata.namespace,
+                    "service": svc.metadata.name,
+                    "endpoints": [
+                        {
+                            "workload": e.workload,
+                            "node": e.node,
+                            "ip": e.ip,
+                            "ports": [{"port": p, "targetPort": t} for p, t in e.ports],
+                        }
+                        for e in service_endpoints(svc, workloads)
+                    ],
+                }
+            )
+        return _json({"revision": store.revision, "items": items})
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
         """Newline-delimited JSON events after `since` (default: now)."""

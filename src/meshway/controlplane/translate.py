@@ -26,6 +26,7 @@ from meshway.config.model import (
     Service,
     Workload,
 )
+from meshway.config.selection import selects, target_port
 from meshway.config.store import EventType, WatchEvent
 from meshway.xds.server import CachedResource, Change
 from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE, NODE_PROXY_TYPE_URLS
@@ -58,11 +59,6 @@ def _version(payload: bytes) -> str:
 
 def _ip_bytes(ip: str) -> bytes:
     return ipaddress.ip_address(ip).packed
-
-
-def _selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
-    """A Kubernetes equality selector; an empty selector selects nothing for Services."""
-    return bool(selector) and all(labels.get(k) == v for k, v in (selector or {}).items())
 
 
 _INDEXED_KINDS = ("Workload", "Service", "AuthorizationPolicy", "Gateway")
@@ -152,7 +148,7 @@ class MeshTranslator:
         elif isinstance(obj, Service):
             dirty[ADDRESS_TYPE].add(self._service_name(obj))
             for wl in self._ns[ns].workloads.values():
-                if _selects(obj.spec.selector, wl.metadata.labels):
+                if selects(obj.spec.selector, wl.metadata.labels):
                     dirty[ADDRESS_TYPE].add(f"{ns}/{wl.metadata.name}")
             if obj.metadata.name in self._ns[ns].gateways:
                 self._mark_namespace(ns, dirty)
@@ -161,7 +157,7 @@ class MeshTranslator:
             selector = obj.spec.selector.match_labels if obj.spec.selector else None
             if selector:
                 for wl in self._ns[ns].workloads.values():
-                    if _selects(selector, wl.metadata.labels):
+                    if selects(selector, wl.metadata.labels):
                         dirty[ADDRESS_TYPE].add(f"{ns}/{wl.metadata.name}")
         elif isinstance(obj, (Namespace, Gateway)):
             self._mark_namespace(obj.metadata.name if isinstance(obj, Namespace) else ns, dirty)
@@ -273,19 +269,18 @@ class MeshTranslator:
             if port.name:
                 out.named_ports[port.name] = port.container_port
         for svc in bucket.services.values():
-            if not _selects(svc.spec.selector, labels):
+            if not selects(svc.spec.selector, labels):
                 continue
             mapping = out.services[self._service_name(svc)]
             for sp in svc.spec.ports:
-                target = sp.target_port if sp.target_port is not None else sp.port
-                if isinstance(target, str):
-                    target = out.named_ports.get(target, 0)
-                mapping.ports.append(
-                    address_pb2.PortMapping(service_port=sp.port, target_port=target)
-                )
+                target = target_port(sp, wl)
+                if target is not None:  # a named target this workload lacks maps nowhere
+                    mapping.ports.append(
+                        address_pb2.PortMapping(service_port=sp.port, target_port=target)
+                    )
         for pname, policy in sorted(bucket.policies.items()):
             selector = policy.spec.selector.match_labels if policy.spec.selector else None
-            if selector and _selects(selector, labels):
+            if selector and selects(selector, labels):
                 out.authorization_policies.append(f"{ns}/{pname}")
         waypoint = self._waypoint(ns, labels, "workload")
         if waypoint is not None:
