@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from cryptography import x509
@@ -37,6 +38,7 @@ from meshway.xds.server import AggregatedDiscoveryService, Change, ResourceCache
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SERVING_NAME = "meshway-controlplane"
 
 
@@ -82,6 +84,28 @@ def _settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+async def debounce(
+    queue: asyncio.Queue[tuple[float, T]], quiet: float, max_wait: float
+) -> tuple[float, list[T]]:
+    """The next batch: items until `quiet` seconds pass with none, or `max_wait` after the first.
+
+    Returns when the first item arrived and the batch. A burst of applies becomes one push, and
+    a steady trickle still pushes at least every `max_wait` seconds.
+    """
+    first_seen, item = await queue.get()
+    batch = [item]
+    deadline = first_seen + max_wait
+    while (timeout := min(quiet, deadline - time.monotonic())) > 0:
+        try:
+            _, item = await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            break
+        batch.append(item)
+    while not queue.empty():
+        batch.append(queue.get_nowait()[1])
+    return first_seen, batch
 
 
 class RequestDenied(Exception):
@@ -255,17 +279,9 @@ class ControlPlane:
         self.cache.ready.set()
         try:
             while True:
-                first_seen, event = await queue.get()
-                batch = [event]
-                deadline = first_seen + self.config.debounce_max
-                while (timeout := min(self.config.debounce_after, deadline - time.monotonic())) > 0:
-                    try:
-                        _, event = await asyncio.wait_for(queue.get(), timeout)
-                    except TimeoutError:
-                        break
-                    batch.append(event)
-                while not queue.empty():
-                    batch.append(queue.get_nowait()[1])
+                first_seen, batch = await debounce(
+                    queue, self.config.debounce_after, self.config.debounce_max
+                )
                 if watcher.done():
                     # The watch fell behind the store's event log: start again from a full list.
                     exc = watcher.exception()
