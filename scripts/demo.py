@@ -66,62 +66,20 @@ def main() -> int:
         creds = work / "node-1.yaml"
         run(["meshway", "node", "join", "node-1", "-o", str(creds)], env)
         certs = work / "certs"
-        run(
-            [
-                "meshway",
-                "cert",
-                "request",
-                "--credentials",
-                str(creds),
-                "--identity",
-                "spiffe://cluster.local/ns/shop/sa/frontend",
-                "--out-dir",
-                str(certs),
-            ],
-            env,
-        )
-        run(
-            [
-                "openssl",
-                "x509",
-                "-in",
-                str(certs / "cert-chain.pem"),
-                "-noout",
-                "-subject",
-                "-issuer",
-                "-dates",
-                "-ext",
-                "subjectAltName,extendedKeyUsage",
-            ],
-            env,
-        )
-        run(
-            [
-                "openssl",
-                "verify",
-                "-CAfile",
-                str(certs / "root-cert.pem"),
-                str(certs / "cert-chain.pem"),
-            ],
-            env,
-        )
+
+        def cert_request(service_account: str, check: bool = True) -> int:
+            identity = f"spiffe://cluster.local/ns/shop/sa/{service_account}"
+            args = ["--credentials", str(creds), "--identity", identity, "--out-dir", str(certs)]
+            return run(["meshway", "cert", "request", *args], env, check=check)
+
+        cert_request("frontend")
+        chain, root = str(certs / "cert-chain.pem"), str(certs / "root-cert.pem")
+        fields = ["-subject", "-issuer", "-dates", "-ext", "subjectAltName,extendedKeyUsage"]
+        run(["openssl", "x509", "-in", chain, "-noout", *fields], env)
+        run(["openssl", "verify", "-CAfile", root, chain], env)
 
         step("node-1 may not obtain an identity of a workload scheduled elsewhere")
-        run(
-            [
-                "meshway",
-                "cert",
-                "request",
-                "--credentials",
-                str(creds),
-                "--identity",
-                "spiffe://cluster.local/ns/shop/sa/backend",
-                "--out-dir",
-                str(certs),
-            ],
-            env,
-            check=False,
-        )
+        cert_request("backend", check=False)
 
         step("node-1 connects over xDS; a change pushes only the changed workload")
         print(f"$ meshway node xds --credentials {creds} --follow 4 &", flush=True)

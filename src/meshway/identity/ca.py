@@ -65,40 +65,24 @@ _ALLOWED_EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
 _MIN_RSA_BITS = 2048
 _MAX_CSR_BYTES = 64 * 1024
 
-_EC_LEAF_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
+
+def _key_usage(**enabled: bool) -> x509.KeyUsage:
+    """A KeyUsage with only the named bits set."""
+    flags = dict.fromkeys(
+        (
+            "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+            "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+        ),
+        False,
+    )  # fmt: skip
+    flags.update(enabled)
+    return x509.KeyUsage(**flags)
+
+
+_EC_LEAF_KEY_USAGE = _key_usage(digital_signature=True)
 # RSA key exchange (TLS 1.2 RSA kx) encrypts to the certificate key, so RSA leaves need it.
-_RSA_LEAF_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=True,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
-_ROOT_KEY_USAGE = x509.KeyUsage(
-    digital_signature=False,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
+_RSA_LEAF_KEY_USAGE = _key_usage(digital_signature=True, key_encipherment=True)
+_ROOT_KEY_USAGE = _key_usage(key_cert_sign=True, crl_sign=True)
 _WORKLOAD_EKU = x509.ExtendedKeyUsage(
     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
 )
