@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,41 @@ class Unreachable(Exception):
     pass
 
 
+def _context() -> dict[str, str]:
+    """The control plane of the cluster `meshway cluster up` started last, if any."""
+    try:
+        data: dict[str, str] = json.loads((default_state_dir() / "context.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data
+
+
 class ControlPlaneClient:
+    """Finds its control plane from flags, then MESHWAY_SERVER/MESHWAY_TOKEN, then the current
+    local cluster, then the default state directory."""
+
     def __init__(self, server: str | None = None, token: str | None = None) -> None:
-        self.server = (server or os.environ.get("MESHWAY_SERVER") or DEFAULT_SERVER).rstrip("/")
-        self.token = token or os.environ.get("MESHWAY_TOKEN") or self._token_from_state()
+        context = {} if (server or os.environ.get("MESHWAY_SERVER")) else _context()
+        self.server = (
+            server or os.environ.get("MESHWAY_SERVER") or context.get("server") or DEFAULT_SERVER
+        ).rstrip("/")
+        self.token = (
+            token
+            or os.environ.get("MESHWAY_TOKEN")
+            or self._read_token(context.get("tokenFile"))
+            or self._token_from_state()
+        )
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=60.0)
+
+    @staticmethod
+    def _read_token(path: str | None) -> str | None:
+        if not path:
+            return None
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return None
 
     @staticmethod
     def _token_from_state() -> str | None:

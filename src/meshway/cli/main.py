@@ -33,8 +33,12 @@ app = typer.Typer(
 )
 node_app = typer.Typer(help="Node membership.", no_args_is_help=True)
 cert_app = typer.Typer(help="Workload certificates.", no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="The local runtime: a mesh in network namespaces.", no_args_is_help=True
+)
 app.add_typer(node_app, name="node")
 app.add_typer(cert_app, name="cert")
+app.add_typer(cluster_app, name="cluster")
 
 # Tables keep their columns when piped (rich would otherwise squeeze them to 80).
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -500,6 +504,162 @@ def controlplane(
         uvloop.run(cp.run())
     except OSError as exc:
         _fail(f"cannot start: {exc}", 1)
+
+
+ClusterOpt = Annotated[str, typer.Option("--name", help="Cluster name.")]
+
+
+def _cluster_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from meshway.runtime.cluster import ClusterError
+    from meshway.runtime.host import HostCommandError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ClusterError, HostCommandError) as exc:
+        _fail(str(exc), 1)
+
+
+@cluster_app.command("up")
+def cluster_up(
+    filename: FilesOpt = [],  # noqa: B006
+    name: ClusterOpt = "meshway",
+    node_network: Annotated[str, typer.Option(help="Addresses of the nodes.")] = "10.250.0.0/24",
+    pod_cidr: Annotated[str, typer.Option()] = "10.244.0.0/16",
+    service_cidr: Annotated[str, typer.Option()] = "10.96.0.0/16",
+    grpc_port: Annotated[int, typer.Option()] = 15012,
+    admin_port: Annotated[int, typer.Option()] = 15014,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every pod.")] = 60.0,
+) -> None:
+    """Create the cluster from manifests (Nodes, Workloads, Services, ...) and wait for it."""
+    from meshway.runtime import cluster
+
+    sources = _read_sources(filename)
+    args = ["--pod-cidr", pod_cidr, "--service-cidr", service_cidr]
+    state = _cluster_call(
+        cluster.up,
+        name,
+        sources,
+        node_network=node_network,
+        grpc_port=grpc_port,
+        admin_port=admin_port,
+        controlplane_args=args,
+        timeout=timeout,
+        log=lambda msg: out.print(msg, markup=False),
+    )
+    _print_cluster(state)
+    out.print(f"cluster '{name}' is up; `meshway cluster down --name {name}` removes it")
+
+
+def _print_cluster(state: dict[str, Any]) -> None:
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for h in ("POD", "NODE", "IP", "PHASE", "RESTARTS", "PID"):
+        table.add_column(h, no_wrap=True)
+    for key, pod in state.get("pods", {}).items():
+        table.add_row(
+            key, pod["node"], pod["ip"], pod["phase"], str(pod["restarts"]), str(pod["pid"] or "-")
+        )
+    nodes = ", ".join(
+        f"{n} ({v['ip']}, pods {v['podCIDR']})" for n, v in state.get("nodes", {}).items()
+    )
+    out.print(f"nodes: {nodes or '-'}")
+    out.print(table)
+
+
+@cluster_app.command("down")
+def cluster_down(name: ClusterOpt = "meshway") -> None:
+    """Stop every process of the cluster and remove every namespace and file it made."""
+    from meshway.runtime import cluster
+
+    removed = _cluster_call(cluster.down, name, log=lambda msg: out.print(msg, markup=False))
+    out.print(f"cluster '{name}' is down ({len(removed)} things removed)")
+
+
+@cluster_app.command("status")
+def cluster_status(
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    output: Annotated[str, typer.Option("-o", "--output")] = "table",
+) -> None:
+    """The control plane, the agent, the nodes and the pods of a cluster."""
+    from meshway.runtime import cluster
+
+    name = name or _cluster_call(cluster.current_cluster)
+    state = _cluster_call(cluster.status, name)
+    if output == "json":
+        out.print_json(json.dumps(state))
+        return
+    cp, agent = state["controlplane"], state["agent"]
+    out.print(
+        f"cluster {name}: control plane {cp['server']} {'ready' if cp['ready'] else 'NOT READY'}, "
+        f"agent {'running' if agent['alive'] else 'NOT RUNNING'}"
+    )
+    if state.get("error"):
+        out.print(f"last error: {state['error']}", markup=False)
+    _print_cluster(state)
+
+
+@cluster_app.command("agent", hidden=True)
+def cluster_agent(
+    name: ClusterOpt = "meshway", log_level: Annotated[str, typer.Option()] = "info"
+) -> None:
+    """Run the runtime agent of a cluster (started by `cluster up`)."""
+    from meshway.runtime import cluster
+    from meshway.runtime.agent import RuntimeAgent
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _cluster_call(cluster.load_settings, name)
+    agent = RuntimeAgent(
+        name,
+        cluster.cluster_dir(name),
+        settings.server,
+        Path(settings.token_file).read_text().strip(),
+        settings.node_network,
+    )
+    agent.run()
+
+
+@app.command()
+def logs(
+    pod: Annotated[str, typer.Argument(help="POD or NAMESPACE/POD")],
+    namespace: Annotated[str | None, typer.Option("-n", "--namespace")] = None,
+    follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
+) -> None:
+    """A pod's stdout and stderr."""
+    from meshway.runtime import cluster
+
+    name, found = _cluster_call(cluster.find_pod, pod, namespace)
+    path = cluster.log_path(name, found)
+    try:
+        with path.open("rb") as f:
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                elif not follow:
+                    break
+                else:
+                    time.sleep(0.2)
+    except FileNotFoundError:
+        _fail(f"no logs yet for {found['namespace']}/{found['name']}")
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_(
+    ctx: typer.Context,
+    pod: Annotated[str, typer.Argument(help="POD or NAMESPACE/POD")],
+    namespace: Annotated[str | None, typer.Option("-n", "--namespace")] = None,
+) -> None:
+    """Run a command inside a pod's network namespace: meshway exec POD -- CMD ARGS."""
+    from meshway.runtime import cluster
+
+    if not ctx.args:
+        _fail("give a command: meshway exec POD -- CMD", 2)
+    _, found = _cluster_call(cluster.find_pod, pod, namespace)
+    os.execvp("ip", ["ip", "netns", "exec", found["netns"], *ctx.args])
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ class ControlPlaneProcess:
         log_path: Path | None = None,
         grpc_port: int | None = None,
         admin_port: int | None = None,
+        detach: bool = False,
     ) -> None:
         self.state_dir = state_dir
         self.extra_args = list(extra_args)
@@ -42,6 +43,8 @@ class ControlPlaneProcess:
         self.admin_port = admin_port or free_port()
         self.log_path = log_path or state_dir.parent / f"{state_dir.name}-controlplane.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # Detached: its own session, so it outlives the command that started it.
+        self.detach = detach
 
     @property
     def server(self) -> str:
@@ -79,7 +82,13 @@ class ControlPlaneProcess:
             *self.extra_args,
         ]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=self.detach,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
