@@ -233,3 +233,41 @@ def test_named_target_port_missing_on_a_workload_maps_nowhere() -> None:
     changes = by_type(t.full(objs, "1"))
     wl = decode_address(changes[ADDRESS_TYPE], "shop/frontend-1").workload
     assert list(wl.services["shop/backend.shop.svc.cluster.local"].ports) == []
+
+
+def peer_auth(
+    name: str, ns: str, mode: str, selector: dict[str, str] | None = None, **extra: Any
+) -> Resource:
+    spec: dict[str, Any] = {"mtls": {"mode": mode}, **extra}
+    if selector:
+        spec["selector"] = {"matchLabels": selector}
+    return obj("PeerAuthentication", name, ns, spec=spec)
+
+
+def test_peer_authentication_precedence() -> None:
+    t = MeshTranslator(MeshSettings())
+    objs = [
+        *mesh(),
+        peer_auth("mesh", "istio-system", "STRICT"),
+        peer_auth("ns", "shop", "UNSET"),
+        peer_auth(
+            "backend",
+            "shop",
+            "PERMISSIVE",
+            {"app": "backend"},
+            portLevelMtls={8080: {"mode": "STRICT"}},
+        ),
+    ]
+    changes = by_type(t.full(objs, "1"))
+    frontend = decode_address(changes[ADDRESS_TYPE], "shop/frontend-1").workload
+    backend = decode_address(changes[ADDRESS_TYPE], "shop/backend-1").workload
+    # The namespace policy is UNSET, so the mesh-wide STRICT applies to frontend.
+    assert frontend.mtls_mode == address_pb2.MTLS_STRICT
+    assert backend.mtls_mode == address_pb2.MTLS_PERMISSIVE
+    assert dict(backend.port_mtls) == {8080: address_pb2.MTLS_STRICT}
+
+    # Dropping the mesh-wide policy re-sends every workload with the default.
+    (change,) = t.apply([event(EventType.DELETED, objs[-3], 2)], "2")
+    assert (
+        decode_address(change, "shop/frontend-1").workload.mtls_mode == address_pb2.MTLS_PERMISSIVE
+    )

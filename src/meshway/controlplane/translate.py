@@ -22,6 +22,7 @@ from meshway.config.model import (
     Gateway,
     Namespace,
     ObjectKey,
+    PeerAuthentication,
     Resource,
     Service,
     Workload,
@@ -61,7 +62,12 @@ def _ip_bytes(ip: str) -> bytes:
     return ipaddress.ip_address(ip).packed
 
 
-_INDEXED_KINDS = ("Workload", "Service", "AuthorizationPolicy", "Gateway")
+_INDEXED_KINDS = ("Workload", "Service", "AuthorizationPolicy", "Gateway", "PeerAuthentication")
+_MTLS_MODES = {
+    "PERMISSIVE": address_pb2.MTLS_PERMISSIVE,
+    "STRICT": address_pb2.MTLS_STRICT,
+    "DISABLE": address_pb2.MTLS_DISABLE,
+}
 
 
 class _Namespaced:
@@ -85,6 +91,10 @@ class _Namespaced:
     @property
     def gateways(self) -> dict[str, Gateway]:
         return self.tables["Gateway"]
+
+    @property
+    def peer_authentications(self) -> dict[str, PeerAuthentication]:
+        return self.tables["PeerAuthentication"]
 
 
 class MeshTranslator:
@@ -159,6 +169,12 @@ class MeshTranslator:
                 for wl in self._ns[ns].workloads.values():
                     if selects(selector, wl.metadata.labels):
                         dirty[ADDRESS_TYPE].add(f"{ns}/{wl.metadata.name}")
+        elif isinstance(obj, PeerAuthentication):
+            mesh_wide = ns == self.settings.root_namespace and not (
+                obj.spec.selector and obj.spec.selector.match_labels
+            )
+            for namespace in list(self._ns) if mesh_wide else [ns]:
+                self._mark_namespace(namespace, dirty)
         elif isinstance(obj, (Namespace, Gateway)):
             self._mark_namespace(obj.metadata.name if isinstance(obj, Namespace) else ns, dirty)
 
@@ -285,7 +301,46 @@ class MeshTranslator:
         waypoint = self._waypoint(ns, labels, "workload")
         if waypoint is not None:
             out.waypoint.CopyFrom(waypoint)
+        self._peer_authentication(out, ns, labels, bucket)
         return out
+
+    def _peer_authentication(
+        self, out: address_pb2.Workload, ns: str, labels: Mapping[str, str], bucket: _Namespaced
+    ) -> None:
+        """Istio's precedence: the workload's own policy (oldest first), then its namespace's,
+        then the mesh-wide one in the root namespace; UNSET inherits; PERMISSIVE at the end."""
+
+        def age(pa: PeerAuthentication) -> tuple[str, str]:
+            return (pa.metadata.creation_timestamp or "", pa.metadata.name)
+
+        def unselected(pas: Mapping[str, PeerAuthentication]) -> list[PeerAuthentication]:
+            return sorted(
+                (p for p in pas.values() if not (p.spec.selector and p.spec.selector.match_labels)),
+                key=age,
+            )
+
+        own = sorted(
+            (
+                p
+                for p in bucket.peer_authentications.values()
+                if p.spec.selector and selects(p.spec.selector.match_labels, labels)
+            ),
+            key=age,
+        )
+        root = self._ns.get(self.settings.root_namespace)
+        chain = own[:1] + unselected(bucket.peer_authentications)[:1]
+        if root is not None and root is not bucket:
+            chain += unselected(root.peer_authentications)[:1]
+        mode = "PERMISSIVE"
+        for pa in chain:
+            if pa.spec.mtls is not None and pa.spec.mtls.mode != "UNSET":
+                mode = pa.spec.mtls.mode
+                break
+        out.mtls_mode = _MTLS_MODES[mode]
+        if own:
+            for port, setting in own[0].spec.port_level_mtls.items():
+                if setting.mode != "UNSET":
+                    out.port_mtls[port] = _MTLS_MODES[setting.mode]
 
     def _service(self, svc: Service) -> address_pb2.Service:
         ns = svc.metadata.namespace or ""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshway/api/v1/address.proto\x12\x0emeshway.api.v1\"k\n\x07\x41\x64\x64ress\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x18.meshway.api.v1.WorkloadH\x00\x12*\n\x07service\x18\x02 \x01(\x0b\x32\x17.meshway.api.v1.ServiceH\x00\x42\x06\n\x04type\"!\n\x0eNetworkAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x0c\"k\n\x0eGatewayAddress\x12\x0f\n\x07service\x18\x01 \x01(\t\x12/\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1e.meshway.api.v1.NetworkAddress\x12\x17\n\x0fhbone_mtls_port\x18\x03 \x01(\r\"8\n\x0bPortMapping\x12\x14\n\x0cservice_port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\"6\n\x08PortList\x12*\n\x05ports\x18\x01 \x03(\x0b\x32\x1b.meshway.api.v1.PortMapping\"\xa3\x05\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\x0c\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x17\n\x0fservice_account\x18\x06 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x07 \x01(\t\x12\x37\n\x0ftunnel_protocol\x18\x08 \x01(\x0e\x32\x1e.meshway.api.v1.TunnelProtocol\x12\x38\n\x08services\x18\t \x03(\x0b\x32&.meshway.api.v1.Workload.ServicesEntry\x12\x1e\n\x16\x61uthorization_policies\x18\n \x03(\t\x12\x30\n\x08waypoint\x18\x0b \x01(\x0b\x32\x1e.meshway.api.v1.GatewayAddress\x12\x16\n\x0e\x63\x61nonical_name\x18\x0c \x01(\t\x12\x1a\n\x12\x63\x61nonical_revision\x18\r \x01(\t\x12\x34\n\x06labels\x18\x0e \x03(\x0b\x32$.meshway.api.v1.Workload.LabelsEntry\x12=\n\x0bnamed_ports\x18\x0f \x03(\x0b\x32(.meshway.api.v1.Workload.NamedPortsEntry\x1aI\n\rServicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.meshway.api.v1.PortList:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fNamedPortsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"v\n\x0bServicePort\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cservice_port\x18\x02 \x01(\r\x12\x13\n\x0btarget_port\x18\x03 \x01(\r\x12\x18\n\x10target_port_name\x18\x04 \x01(\t\x12\x14\n\x0c\x61pp_protocol\x18\x05 \x01(\t\"\xb1\x02\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x31\n\taddresses\x18\x04 \x03(\x0b\x32\x1e.meshway.api.v1.NetworkAddress\x12*\n\x05ports\x18\x05 \x03(\x0b\x32\x1b.meshway.api.v1.ServicePort\x12\x30\n\x08waypoint\x18\x06 \x01(\x0b\x32\x1e.meshway.api.v1.GatewayAddress\x12\x33\n\x06labels\x18\x07 \x03(\x0b\x32#.meshway.api.v1.Service.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*%\n\x0eTunnelProtocol\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05HBONE\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshway/api/v1/address.proto\x12\x0emeshway.api.v1\"k\n\x07\x41\x64\x64ress\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x18.meshway.api.v1.WorkloadH\x00\x12*\n\x07service\x18\x02 \x01(\x0b\x32\x17.meshway.api.v1.ServiceH\x00\x42\x06\n\x04type\"!\n\x0eNetworkAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x0c\"k\n\x0eGatewayAddress\x12\x0f\n\x07service\x18\x01 \x01(\t\x12/\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1e.meshway.api.v1.NetworkAddress\x12\x17\n\x0fhbone_mtls_port\x18\x03 \x01(\r\"8\n\x0bPortMapping\x12\x14\n\x0cservice_port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\"6\n\x08PortList\x12*\n\x05ports\x18\x01 \x03(\x0b\x32\x1b.meshway.api.v1.PortMapping\"\xd6\x06\n\x08Workload\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\x0c\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x17\n\x0fservice_account\x18\x06 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x07 \x01(\t\x12\x37\n\x0ftunnel_protocol\x18\x08 \x01(\x0e\x32\x1e.meshway.api.v1.TunnelProtocol\x12\x38\n\x08services\x18\t \x03(\x0b\x32&.meshway.api.v1.Workload.ServicesEntry\x12\x1e\n\x16\x61uthorization_policies\x18\n \x03(\t\x12\x30\n\x08waypoint\x18\x0b \x01(\x0b\x32\x1e.meshway.api.v1.GatewayAddress\x12\x16\n\x0e\x63\x61nonical_name\x18\x0c \x01(\t\x12\x1a\n\x12\x63\x61nonical_revision\x18\r \x01(\t\x12\x34\n\x06labels\x18\x0e \x03(\x0b\x32$.meshway.api.v1.Workload.LabelsEntry\x12=\n\x0bnamed_ports\x18\x0f \x03(\x0b\x32(.meshway.api.v1.Workload.NamedPortsEntry\x12+\n\tmtls_mode\x18\x10 \x01(\x0e\x32\x18.meshway.api.v1.MtlsMode\x12\x39\n\tport_mtls\x18\x11 \x03(\x0b\x32&.meshway.api.v1.Workload.PortMtlsEntry\x1aI\n\rServicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.meshway.api.v1.PortList:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fNamedPortsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1aI\n\rPortMtlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\'\n\x05value\x18\x02 \x01(\x0e\x32\x18.meshway.api.v1.MtlsMode:\x02\x38\x01\"v\n\x0bServicePort\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cservice_port\x18\x02 \x01(\r\x12\x13\n\x0btarget_port\x18\x03 \x01(\r\x12\x18\n\x10target_port_name\x18\x04 \x01(\t\x12\x14\n\x0c\x61pp_protocol\x18\x05 \x01(\t\"\xb1\x02\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x31\n\taddresses\x18\x04 \x03(\x0b\x32\x1e.meshway.api.v1.NetworkAddress\x12*\n\x05ports\x18\x05 \x03(\x0b\x32\x1b.meshway.api.v1.ServicePort\x12\x30\n\x08waypoint\x18\x06 \x01(\x0b\x32\x1e.meshway.api.v1.GatewayAddress\x12\x33\n\x06labels\x18\x07 \x03(\x0b\x32#.meshway.api.v1.Service.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*%\n\x0eTunnelProtocol\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05HBONE\x10\x01*B\n\x08MtlsMode\x12\x13\n\x0fMTLS_PERMISSIVE\x10\x00\x12\x0f\n\x0bMTLS_STRICT\x10\x01\x12\x10\n\x0cMTLS_DISABLE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKLOAD_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_WORKLOAD_NAMEDPORTSENTRY']._loaded_options = None
   _globals['_WORKLOAD_NAMEDPORTSENTRY']._serialized_options = b'8\001'
+  _globals['_WORKLOAD_PORTMTLSENTRY']._loaded_options = None
+  _globals['_WORKLOAD_PORTMTLSENTRY']._serialized_options = b'8\001'
   _globals['_SERVICE_LABELSENTRY']._loaded_options = None
   _globals['_SERVICE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TUNNELPROTOCOL']._serialized_start=1521
-  _globals['_TUNNELPROTOCOL']._serialized_end=1558
+  _globals['_TUNNELPROTOCOL']._serialized_start=1700
+  _globals['_TUNNELPROTOCOL']._serialized_end=1737
+  _globals['_MTLSMODE']._serialized_start=1739
+  _globals['_MTLSMODE']._serialized_end=1805
   _globals['_ADDRESS']._serialized_start=48
   _globals['_ADDRESS']._serialized_end=155
   _globals['_NETWORKADDRESS']._serialized_start=157
@@ -52,17 +56,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PORTLIST']._serialized_start=359
   _globals['_PORTLIST']._serialized_end=413
   _globals['_WORKLOAD']._serialized_start=416
-  _globals['_WORKLOAD']._serialized_end=1091
-  _globals['_WORKLOAD_SERVICESENTRY']._serialized_start=920
-  _globals['_WORKLOAD_SERVICESENTRY']._serialized_end=993
-  _globals['_WORKLOAD_LABELSENTRY']._serialized_start=995
-  _globals['_WORKLOAD_LABELSENTRY']._serialized_end=1040
-  _globals['_WORKLOAD_NAMEDPORTSENTRY']._serialized_start=1042
-  _globals['_WORKLOAD_NAMEDPORTSENTRY']._serialized_end=1091
-  _globals['_SERVICEPORT']._serialized_start=1093
-  _globals['_SERVICEPORT']._serialized_end=1211
-  _globals['_SERVICE']._serialized_start=1214
-  _globals['_SERVICE']._serialized_end=1519
-  _globals['_SERVICE_LABELSENTRY']._serialized_start=995
-  _globals['_SERVICE_LABELSENTRY']._serialized_end=1040
+  _globals['_WORKLOAD']._serialized_end=1270
+  _globals['_WORKLOAD_SERVICESENTRY']._serialized_start=1024
+  _globals['_WORKLOAD_SERVICESENTRY']._serialized_end=1097
+  _globals['_WORKLOAD_LABELSENTRY']._serialized_start=1099
+  _globals['_WORKLOAD_LABELSENTRY']._serialized_end=1144
+  _globals['_WORKLOAD_NAMEDPORTSENTRY']._serialized_start=1146
+  _globals['_WORKLOAD_NAMEDPORTSENTRY']._serialized_end=1195
+  _globals['_WORKLOAD_PORTMTLSENTRY']._serialized_start=1197
+  _globals['_WORKLOAD_PORTMTLSENTRY']._serialized_end=1270
+  _globals['_SERVICEPORT']._serialized_start=1272
+  _globals['_SERVICEPORT']._serialized_end=1390
+  _globals['_SERVICE']._serialized_start=1393
+  _globals['_SERVICE']._serialized_end=1698
+  _globals['_SERVICE_LABELSENTRY']._serialized_start=1099
+  _globals['_SERVICE_LABELSENTRY']._serialized_end=1144
 # @@protoc_insertion_point(module_scope)

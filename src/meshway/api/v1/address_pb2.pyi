@@ -41,6 +41,24 @@ HBONE: TunnelProtocol.ValueType  # 1
 """HBONE: HTTP/2 CONNECT over mutual TLS on port 15008."""
 Global___TunnelProtocol: _TypeAlias = TunnelProtocol  # noqa: Y015
 
+class _MtlsMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MtlsModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MtlsMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MTLS_PERMISSIVE: _MtlsMode.ValueType  # 0
+    MTLS_STRICT: _MtlsMode.ValueType  # 1
+    MTLS_DISABLE: _MtlsMode.ValueType  # 2
+
+class MtlsMode(_MtlsMode, metaclass=_MtlsModeEnumTypeWrapper):
+    """The effective PeerAuthentication mode for a workload (UNSET resolved: PERMISSIVE by default)."""
+
+MTLS_PERMISSIVE: MtlsMode.ValueType  # 0
+MTLS_STRICT: MtlsMode.ValueType  # 1
+MTLS_DISABLE: MtlsMode.ValueType  # 2
+Global___MtlsMode: _TypeAlias = MtlsMode  # noqa: Y015
+
 @_typing.final
 class Address(_message.Message):
     """Address is a workload or a service. Resource names: "<namespace>/<name>" for workloads and
@@ -225,6 +243,26 @@ class Workload(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class PortMtlsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: Global___MtlsMode.ValueType
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: Global___MtlsMode.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     UID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
@@ -240,6 +278,8 @@ class Workload(_message.Message):
     CANONICAL_REVISION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     NAMED_PORTS_FIELD_NUMBER: _builtins.int
+    MTLS_MODE_FIELD_NUMBER: _builtins.int
+    PORT_MTLS_FIELD_NUMBER: _builtins.int
     uid: _builtins.str
     name: _builtins.str
     namespace: _builtins.str
@@ -250,6 +290,8 @@ class Workload(_message.Message):
     canonical_name: _builtins.str
     """The `app` / `version` labels, for telemetry."""
     canonical_revision: _builtins.str
+    mtls_mode: Global___MtlsMode.ValueType
+    """Plaintext inbound (port 15006) is accepted under PERMISSIVE and refused under STRICT."""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     @_builtins.property
@@ -267,6 +309,10 @@ class Workload(_message.Message):
     @_builtins.property
     def named_ports(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Container ports with their names, for targetPort by name."""
+
+    @_builtins.property
+    def port_mtls(self) -> _containers.ScalarMap[_builtins.int, Global___MtlsMode.ValueType]:
+        """portLevelMtls overrides, by workload port."""
 
     def __init__(
         self,
@@ -286,10 +332,12 @@ class Workload(_message.Message):
         canonical_revision: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         named_ports: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        mtls_mode: Global___MtlsMode.ValueType = ...,
+        port_mtls: _abc.Mapping[_builtins.int, Global___MtlsMode.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["waypoint", b"waypoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "authorization_policies", b"authorization_policies", "canonical_name", b"canonical_name", "canonical_revision", b"canonical_revision", "labels", b"labels", "name", b"name", "named_ports", b"named_ports", "namespace", b"namespace", "node", b"node", "service_account", b"service_account", "services", b"services", "trust_domain", b"trust_domain", "tunnel_protocol", b"tunnel_protocol", "uid", b"uid", "waypoint", b"waypoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "authorization_policies", b"authorization_policies", "canonical_name", b"canonical_name", "canonical_revision", b"canonical_revision", "labels", b"labels", "mtls_mode", b"mtls_mode", "name", b"name", "named_ports", b"named_ports", "namespace", b"namespace", "node", b"node", "port_mtls", b"port_mtls", "service_account", b"service_account", "services", b"services", "trust_domain", b"trust_domain", "tunnel_protocol", b"tunnel_protocol", "uid", b"uid", "waypoint", b"waypoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
