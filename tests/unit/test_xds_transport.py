@@ -183,3 +183,15 @@ async def test_state_of_the_world_is_refused_clearly(harness: Harness) -> None:
                 pass
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
         assert "DeltaAggregatedResources" in (info.value.details() or "")
+
+
+async def test_an_empty_type_still_gets_a_first_response(harness: Harness) -> None:
+    client = harness.client()
+    harness.push("2", removed={"ns/a", "ns/b"})
+    client.start()
+    try:
+        await client.wait_synced(5)  # would time out without an (empty) first response
+        assert not client.snapshot(ADDRESS)
+        assert client.version(ADDRESS) == "2"
+    finally:
+        await client.close()

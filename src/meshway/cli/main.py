@@ -337,6 +337,39 @@ def node_join(
     out.print(f"node/{name} joined; credential written to {output_file}")
 
 
+@node_app.command("run")
+def node_run(
+    credentials: Annotated[Path, typer.Option("--credentials", help="From `node join -o`.")],
+    pod_netns: Annotated[
+        str,
+        typer.Option(
+            help="Path of a pod's network namespace, with {namespace} and {name} placeholders."
+        ),
+    ] = "/run/netns/{namespace}.{name}",
+    listen_netns: Annotated[
+        Path | None,
+        typer.Option(help="Network namespace for ports 15000/15020/15021 (default: our own)."),
+    ] = None,
+    cert_lifetime_seconds: Annotated[
+        int, typer.Option(help="Requested certificate lifetime (0: the CA's default).")
+    ] = 0,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run the node proxy: capture enrolled pods of this node, HBONE mTLS, L4 policy."""
+    from meshway.node.main import run_node
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        creds = yaml.safe_load(credentials.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(str(exc), 2)
+    import uvloop
+
+    uvloop.run(run_node(creds, pod_netns, listen_netns, cert_lifetime_seconds))
+
+
 @node_app.command("xds")
 def node_xds(
     credentials: Annotated[

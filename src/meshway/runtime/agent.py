@@ -16,9 +16,11 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,88 @@ RESYNC_SECONDS = 1.0
 MAX_BACKOFF = 30.0
 
 
+class SupervisedProcess:
+    """A process kept running: started, restarted with back-off when it exits, stopped."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path) -> None:
+        self.name = name
+        self.command = command
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.phase = "Pending"
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.started_at: float | None = None
+        self._next_start = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def tick(self, env: dict[str, str], cwd: str) -> None:
+        """Start it if it is not running and its back-off has passed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.phase = "Running"
+            return
+        if self.proc is not None:
+            self.last_exit = self.proc.returncode
+            self.proc = None
+            self.restarts += 1
+            backoff = min(MAX_BACKOFF, 2.0 ** min(self.restarts - 1, 5))
+            self._next_start = time.monotonic() + backoff
+            self.phase = "CrashLoopBackOff" if self.restarts > 1 else "Restarting"
+            log.warning(
+                "%s exited with %s; restarting in %.0fs", self.name, self.last_exit, backoff
+            )
+        if time.monotonic() < self._next_start:
+            return
+        with self.log_path.open("ab") as log_file:
+            try:
+                self.proc = subprocess.Popen(
+                    self.command,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                self.phase = f"Failed: {exc}"
+                self._next_start = time.monotonic() + MAX_BACKOFF
+                return
+        self.started_at = time.time()
+        self.phase = "Running"
+
+    def restart_with(self, command: list[str]) -> None:
+        self.stop()
+        self.command = command
+        self.restarts = 0
+        self._next_start = 0.0
+
+    def stop(self, timeout: float = 3.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "phase": self.phase,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "started_at": self.started_at,
+        }
+
+
 @dataclass
 class PodState:
     namespace: str
@@ -43,13 +127,18 @@ class PodState:
     node: str
     ip: str
     netns: str
-    command: list[str]
-    pid: int | None = None
-    phase: str = "Pending"
-    restarts: int = 0
-    started_at: float | None = None
-    next_start: float = 0.0
-    last_exit: int | None = None
+    process: SupervisedProcess
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "name": self.name,
+            "node": self.node,
+            "ip": self.ip,
+            "netns": self.netns,
+            "command": self.process.command,
+            **self.process.describe(),
+        }
 
 
 @dataclass
@@ -70,6 +159,7 @@ class RuntimeAgent:
         token: str,
         node_network: str,
         cluster_domain: str = "cluster.local",
+        node_proxy_args: Sequence[str] = (),
     ) -> None:
         self.names = ClusterNames(cluster)
         self.dir = cluster_dir
@@ -81,7 +171,8 @@ class RuntimeAgent:
         self.state = AgentState()
         self.logs = cluster_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._node_proxies: dict[str, SupervisedProcess] = {}
+        self.node_proxy_args = list(node_proxy_args)
         self._events: queue.Queue[int] = queue.Queue()
         self._stop = threading.Event()
         self._program: dict[str, str] = {}
@@ -137,6 +228,10 @@ class RuntimeAgent:
         for node in addresses:
             self.net.ensure_node(node)
         self.net.route_nodes(addresses)
+        for node in addresses:
+            self._ensure_node_proxy(node.name)
+        for name in [n for n in self._node_proxies if n not in {a.name for a in addresses}]:
+            self._node_proxies.pop(name).stop()
         self.state.nodes = {
             n.name: {"ip": n.ip, "podCIDR": n.pod_cidr, "netns": self.names.node_ns(n.name)}
             for n in addresses
@@ -188,39 +283,21 @@ class RuntimeAgent:
     def _ensure_pod(self, key: str, wl: Workload) -> None:
         ns = wl.metadata.namespace or ""
         pod = self.state.pods.get(key)
-        command = list(wl.spec.command)
-        if pod is not None and (pod.command != command or pod.node != wl.spec.node_name):
-            self._stop_process(key)
-            pod.command = command
-            pod.restarts = 0
-            pod.next_start = 0.0
         if pod is None:
             netns = self.net.ensure_pod(
                 wl.spec.node_name, ns, wl.metadata.name, str(wl.status.pod_ip)
             )
             host.write_netns_file(netns, "resolv.conf", resolv_conf(ns, self.cluster_domain))
+            process = SupervisedProcess(
+                f"pod {key}", [], self.logs / f"{ns}.{wl.metadata.name}.log"
+            )
             pod = PodState(
-                ns, wl.metadata.name, wl.spec.node_name, str(wl.status.pod_ip), netns, command
+                ns, wl.metadata.name, wl.spec.node_name, str(wl.status.pod_ip), netns, process
             )
             self.state.pods[key] = pod
-        self._supervise(key, pod, wl)
-
-    def _supervise(self, key: str, pod: PodState, wl: Workload) -> None:
-        proc = self._procs.get(key)
-        if proc is not None and proc.poll() is None:
-            pod.phase = "Running"
-            return
-        if proc is not None:
-            pod.last_exit = proc.returncode
-            self._procs.pop(key)
-            pod.pid = None
-            pod.restarts += 1
-            backoff = min(MAX_BACKOFF, 2.0 ** min(pod.restarts - 1, 5))
-            pod.next_start = time.monotonic() + backoff
-            pod.phase = "CrashLoopBackOff" if pod.restarts > 1 else "Restarting"
-            log.warning("pod %s exited with %s; restarting in %.0fs", key, proc.returncode, backoff)
-        if time.monotonic() < pod.next_start:
-            return
+        command = ["ip", "netns", "exec", pod.netns, *wl.spec.command]
+        if pod.process.command != command:
+            pod.process.restart_with(command)
         env = {
             **os.environ,
             **wl.spec.env,
@@ -229,45 +306,35 @@ class RuntimeAgent:
             "POD_IP": pod.ip,
             "NODE_NAME": pod.node,
         }
-        cwd = wl.spec.working_dir or str(self.dir)
-        log_file = (self.logs / f"{pod.namespace}.{pod.name}.log").open("ab")
-        try:
-            started = subprocess.Popen(
-                ["ip", "netns", "exec", pod.netns, *pod.command],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            pod.phase = f"Failed: {exc}"
-            pod.next_start = time.monotonic() + MAX_BACKOFF
-            return
-        finally:
-            log_file.close()
-        self._procs[key] = started
-        pod.pid = started.pid
-        pod.started_at = time.time()
-        pod.phase = "Running"
+        pod.process.tick(env, wl.spec.working_dir or str(self.dir))
 
-    def _stop_process(self, key: str) -> None:
-        proc = self._procs.pop(key, None)
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    def _ensure_node_proxy(self, node: str) -> None:
+        """One `meshway node run` per node, with a credential from a join done once."""
+        creds = self.dir / "nodes" / f"{node}.yaml"
+        if not creds.exists():
+            creds.parent.mkdir(parents=True, exist_ok=True)
+            reply = self.http.post(f"/api/v1/nodes/{node}/join")
+            reply.raise_for_status()
+            fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(reply.json(), f)
+        proxy = self._node_proxies.get(node)
+        if proxy is None:
+            template = f"{host.NETNS_DIR}/{self.names.prefix}pod.{{namespace}}.{{name}}"
+            command = [
+                sys.executable, "-m", "meshway", "node", "run",
+                "--credentials", str(creds),
+                "--pod-netns", template,
+                "--listen-netns", str(host.NETNS_DIR / self.names.node_ns(node)),
+                *self.node_proxy_args,
+            ]  # fmt: skip
+            proxy = SupervisedProcess(f"node proxy {node}", command, self.logs / f"node.{node}.log")
+            self._node_proxies[node] = proxy
+        proxy.tick(dict(os.environ), str(self.dir))
 
     def _remove_pod(self, key: str) -> None:
         pod = self.state.pods.pop(key)
-        self._stop_process(key)
+        pod.process.stop()
         for pid in host.netns_pids(pod.netns):  # anything else left inside the pod
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -281,7 +348,8 @@ class RuntimeAgent:
             "ready": self.state.ready,
             "error": self.state.error,
             "nodes": self.state.nodes,
-            "pods": {k: asdict(p) for k, p in sorted(self.state.pods.items())},
+            "pods": {k: p.describe() for k, p in sorted(self.state.pods.items())},
+            "nodeProxies": {n: p.describe() for n, p in sorted(self._node_proxies.items())},
             "updated": time.time(),
         }
         tmp = self.dir / "agent-state.json.tmp"
@@ -319,6 +387,8 @@ class RuntimeAgent:
             self.teardown()
 
     def teardown(self) -> None:
+        for proxy in self._node_proxies.values():
+            proxy.stop()
         for key in list(self.state.pods):
             self._remove_pod(key)
         removed = self.net.delete_everything()

@@ -58,3 +58,61 @@ class ControlPlaneMetrics:
 
 
 CONTROLPLANE = ControlPlaneMetrics()
+
+
+TCP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_service",
+    "destination_principal",
+    "connection_security_policy",
+    "response_flags",
+    "request_protocol",
+)
+
+
+class NodeMetrics:
+    """The node proxy's registry: Istio's TCP metrics (BRIEF §4) plus the proxy's own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened.", TCP_LABELS, registry=r
+        )
+        self.closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed.", TCP_LABELS, registry=r
+        )
+        self.sent = Counter(
+            "istio_tcp_sent_bytes", "Bytes sent to the destination.", TCP_LABELS, registry=r
+        )
+        self.received = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received from the destination.",
+            TCP_LABELS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "meshway_node_rejected_connections",
+            "Connections closed by the proxy, by reason (policy, bad input, ...).",
+            ["reason"],
+            registry=r,
+        )
+        self.enrolled = Gauge(
+            "meshway_node_enrolled_pods", "Pods captured by this proxy.", registry=r
+        )
+        self.cert_expiry = Gauge(
+            "meshway_node_certificate_expiry_timestamp_seconds",
+            "When each local identity's certificate expires.",
+            ["identity"],
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

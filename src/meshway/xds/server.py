@@ -206,7 +206,9 @@ class _Connection:
         else:
             updated = [r for name, r in change.updated.items() if name in state.names]
             removed = [n for n in change.removed if n in state.names]
-        if not updated and not removed:
+        # The first response of a type is sent even when empty: it tells the client that it
+        # now holds the full state (of nothing).
+        if not updated and not removed and not change.full_state:
             return None
         nonce = str(next(self._nonces))
         state.pending[nonce] = change.version

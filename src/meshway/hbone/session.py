@@ -1,0 +1,430 @@
+"""One HTTP/2 connection over TLS: the h2 state machine driven by asyncio protocol callbacks.
+
+Client and server share this layer; only who opens streams differs. h2 owns the protocol
+(framing, HPACK, stream states, flow-control accounting) and never touches a socket; this
+class feeds it the bytes the transport delivers, routes its events to `HboneStream`s and
+writes what it wants to send. Everything here runs synchronously inside the event loop's
+callbacks, so no lock is needed and ordering is exactly the wire order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable, Iterable
+from typing import cast
+
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+
+from meshway.hbone.errors import HboneConnectionError, HboneError
+from meshway.hbone.stream import HboneStream
+from meshway.hbone.tls import ALPN_H2, IdentityError, peer_identity
+from meshway.identity import SpiffeId
+
+logger = logging.getLogger(__name__)
+
+
+def _short_hex_repr(data: bytes | memoryview | None) -> str:
+    """hyperframe's `_raw_data_repr` with the same output, hexlifying 10 bytes, not all."""
+    if not data:
+        return "None"
+    text = binascii.hexlify(data[:10]).decode("ascii")
+    return "<hex:" + text + ("..." if len(data) > 10 else "") + ">"
+
+
+# h2 builds repr(frame) for its no-op trace logger on every received frame, and hyperframe's
+# repr hexlifies the whole payload only to keep 20 characters: a fifth of the receive path's
+# CPU. The replacement returns identical strings.
+if hasattr(hyperframe.frame, "_raw_data_repr"):
+    hyperframe.frame._raw_data_repr = _short_hex_repr
+
+# ztunnel's HTTP/2 windows: big enough for a fast tunnel across a node boundary, and the
+# per-stream window bounds what one slow reader can make us buffer.
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_HEADER_LIST_SIZE = 64 * 1024
+# Bigger than HTTP/2's 16 KiB default to cut per-frame work in h2; still small enough that
+# h2's CONTINUATION backlog (64 frames) stays a bounded amount of memory per connection.
+MAX_FRAME_SIZE = 64 * 1024
+DEFAULT_MAX_CONCURRENT_STREAMS = 100
+_DEFAULT_WINDOW = 65_535
+
+Header = tuple[bytes, bytes]
+RequestCallback = Callable[[HboneStream, list[Header]], None]
+PeerCheck = Callable[[SpiffeId], None]
+
+
+class H2Session(asyncio.Protocol):
+    """The asyncio protocol of one HBONE connection (after the TLS handshake).
+
+    `failure_reason` is a short, bounded label for why the connection ended badly, which the
+    server counts; `failure` is the exception streams and callers see.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        on_request: RequestCallback | None = None,
+        check_peer: PeerCheck | None = None,
+        max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.client_side = client_side
+        self.on_request = on_request
+        self._check_peer = check_peer
+        self.h2 = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
+        settings = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+        }
+        if client_side:
+            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
+        self.h2.local_settings = h2.settings.Settings(client=client_side, initial_values=settings)
+        # h2 copied these from its default settings in its constructor.
+        self.h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+
+        self.streams: dict[int, HboneStream] = {}
+        self.peer_identity: SpiffeId | None = None
+        self.failure: HboneError | None = None
+        self.failure_reason: str | None = None
+        self.idle_since: float | None = self._loop.time()
+        self._transport: asyncio.Transport | None = None
+        self._closing = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._peer_settings: asyncio.Future[None] = self._loop.create_future()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._blocked_writers: set[HboneStream] = set()
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's SSL transport is not an asyncio.Transport subclass, but it behaves as one.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        refusal = self._check_tls(transport)
+        if refusal is not None:
+            # Refused before a single HTTP/2 byte went out: a wrong peer learns nothing.
+            reason, error = refusal
+            self._shut(error, reason)
+            transport.abort()
+            return
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.DenialOfServiceError as exc:
+            self._fail("h2_header_list_too_large", HboneConnectionError(str(exc)))
+            return
+        except h2.exceptions.ProtocolError as exc:
+            self._fail("h2_protocol_error", HboneConnectionError(f"HTTP/2 protocol error: {exc}"))
+            return
+        try:
+            for event in events:
+                if self._closing:
+                    break  # a GOAWAY in this batch ended the connection
+                self._dispatch(event)
+        except Exception as exc:
+            logger.exception("hbone: internal error handling HTTP/2 events")
+            self._fail("internal_error", HboneConnectionError(f"internal error: {exc!r}"))
+            return
+        self.flush()
+
+    def eof_received(self) -> bool:
+        # A half-closed TCP connection is useless for HTTP/2: close our side too.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self._shut(HboneConnectionError("the HBONE connection was closed"))
+        else:
+            error = HboneConnectionError(f"the HBONE connection was lost: {exc}")
+            self._shut(error, "connection_lost")
+        self._writable.set()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # --- connection-level API --------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """True while new streams may be started on this connection."""
+        return (
+            self._transport is not None
+            and not self._closing
+            and self.failure is None
+            and not self._transport.is_closing()
+        )
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    async def wait_peer_settings(self) -> None:
+        """Return once the peer's first SETTINGS arrived; raise if the connection died first.
+
+        In TLS 1.3 the client finishes its handshake before the server has checked the client
+        certificate, so this is also where a client learns that it was refused.
+        """
+        await asyncio.shield(self._peer_settings)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def close(self) -> None:
+        """Send GOAWAY and close the transport; open streams fail with a connection error."""
+        if self._closing:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # h2 may already be closed
+            self.h2.close_connection(ErrorCodes.NO_ERROR)
+        self.flush()
+        self._shut(HboneConnectionError("the HBONE connection was closed by this side"))
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection without goodbye (for a peer that stopped reading)."""
+        self._shut(HboneConnectionError("the HBONE connection was aborted by this side"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is over its high-water mark."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+
+    @property
+    def write_buffer_size(self) -> int:
+        return 0 if self._transport is None else self._transport.get_write_buffer_size()
+
+    # --- stream-level API (used by HboneStream and the client) ----------------------------
+
+    def start_stream(self, headers: Iterable[tuple[str, str]]) -> HboneStream:
+        """Open a client stream by sending its HEADERS; the response arrives as an event."""
+        if not self.is_open:
+            raise self.failure or HboneConnectionError("the HBONE connection is closed")
+        try:
+            stream_id = self.h2.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            self.close()
+            raise HboneConnectionError("the connection ran out of stream IDs") from None
+        try:
+            self.h2.send_headers(stream_id, _encode(headers))
+        except h2.exceptions.ProtocolError as exc:
+            # h2 validates while HPACK-encoding, so its encoder state no longer matches the
+            # peer's decoder: the connection cannot carry another header block.
+            self.close()
+            raise HboneError(f"invalid CONNECT request headers: {exc}") from None
+        stream = HboneStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.idle_since = None
+        self.flush()
+        return stream
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Iterable[tuple[str, str]],
+        *,
+        end_stream: bool = False,
+        flush: bool = True,
+    ) -> None:
+        self._check_open()
+        self.h2.send_headers(stream_id, _encode(headers), end_stream=end_stream)
+        if flush:
+            self.flush()
+
+    def sendable(self, stream_id: int) -> int:
+        """How many bytes flow control lets us send on the stream right now."""
+        self._check_open()
+        return self.h2.local_flow_control_window(stream_id)
+
+    def send_data(self, stream_id: int, data: memoryview, *, end_stream: bool = False) -> None:
+        """Send `data` (which must fit the window) in frames of the peer's maximum size."""
+        self._check_open()
+        frame_size = self.h2.max_outbound_frame_size
+        last = len(data) - 1
+        for start in range(0, len(data), frame_size):
+            end_here = end_stream and start + frame_size > last
+            self.h2.send_data(stream_id, data[start : start + frame_size], end_stream=end_here)
+        self.flush()
+
+    def end_stream(self, stream_id: int) -> None:
+        self._check_open()
+        self.h2.end_stream(stream_id)
+        self.flush()
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        if self._closing:
+            return  # the whole connection is going away; nothing to reset
+        with contextlib.suppress(h2.exceptions.StreamClosedError):  # closed in the meantime
+            self.h2.reset_stream(stream_id, error_code)
+        self.flush()
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """Hand `size` consumed bytes back to the peer's flow-control windows."""
+        if size and not self._closing:
+            self.h2.acknowledge_received_data(size, stream_id)
+            self.flush()
+
+    def wait_for_window(self, stream: HboneStream) -> None:
+        self._blocked_writers.add(stream)
+
+    def forget_if_closed(self, stream: HboneStream) -> None:
+        """Stop routing events to a stream h2 has closed, so it no longer counts as open."""
+        h2_stream = self.h2.streams.get(stream.stream_id)
+        if h2_stream is not None and not h2_stream.closed:
+            return
+        self.streams.pop(stream.stream_id, None)
+        self._blocked_writers.discard(stream)
+        if not self.streams:
+            self.idle_since = self._loop.time()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _check_tls(self, transport: asyncio.Transport) -> tuple[str, HboneError] | None:
+        """Check ALPN and the peer's identity; return (reason, error) when the peer is refused."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if not isinstance(ssl_object, ssl.SSLObject):
+            return "not_tls", HboneConnectionError("HBONE requires TLS")
+        if ssl_object.selected_alpn_protocol() != ALPN_H2:
+            return "alpn_not_h2", HboneConnectionError("the peer did not negotiate ALPN h2")
+        try:
+            identity = peer_identity(ssl_object)
+            if self._check_peer is not None:
+                self._check_peer(identity)
+        except IdentityError as exc:
+            return "peer_identity_invalid", exc
+        self.peer_identity = identity
+        return None
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise self.failure or HboneConnectionError("the HBONE connection is closed")
+
+    def _shut(self, error: HboneError, reason: str | None = None) -> None:
+        """Mark the connection as ending and fail its streams; the first cause is kept.
+
+        Streams fail at once rather than at connection_lost, because h2 refuses every
+        further call after a GOAWAY and the transport may take a while to close.
+        """
+        if not self._closing:
+            self._closing = True
+            self.failure = error
+            self.failure_reason = reason
+        for stream in list(self.streams.values()):
+            stream._on_connection_lost(self.failure or error)
+        self.streams.clear()
+        self._blocked_writers.clear()
+        if not self._peer_settings.done():
+            self._peer_settings.set_exception(self.failure or error)
+            self._peer_settings.exception()  # retrieved: nobody may be waiting for it
+
+    def _fail(self, reason: str, error: HboneError) -> None:
+        """End the connection after a protocol violation, telling the peer with GOAWAY."""
+        self.flush()  # h2 queued a GOAWAY describing the error
+        self._shut(error, reason)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            assert event.stream_id is not None and event.data is not None
+            flow_controlled = event.flow_controlled_length or 0
+            stream = self.streams.get(event.stream_id)
+            if stream is None or not stream._on_data(event.data, flow_controlled):
+                # Nobody will read it: return the window at once so the connection never leaks.
+                self.h2.acknowledge_received_data(flow_controlled, event.stream_id)
+            elif flow_controlled > len(event.data):
+                self.h2.acknowledge_received_data(
+                    flow_controlled - len(event.data), event.stream_id
+                )
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    self._blocked_writers.discard(stream)
+                    stream._on_window_open()
+            else:
+                self._wake_all_writers()
+        elif isinstance(event, h2.events.RequestReceived):
+            assert event.stream_id is not None and event.headers is not None
+            self._on_request_received(event.stream_id, list(event.headers))
+        elif isinstance(event, h2.events.ResponseReceived):
+            assert event.stream_id is not None and event.headers is not None
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_response(list(event.headers))
+        elif isinstance(event, h2.events.StreamEnded):
+            assert event.stream_id is not None
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_remote_end()
+                self.forget_if_closed(stream)
+        elif isinstance(event, h2.events.StreamReset):
+            assert event.stream_id is not None
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_reset(int(event.error_code or 0), by_peer=event.remote_reset)
+                self.forget_if_closed(stream)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if not self._peer_settings.done():
+                self._peer_settings.set_result(None)
+            self._wake_all_writers()  # the initial window or frame size may have grown
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            # h2 cannot carry on after GOAWAY, so the whole connection ends here.
+            code = event.error_code
+            error = HboneConnectionError(f"the peer closed the connection (GOAWAY {code!r})")
+            self._shut(error, None if code == ErrorCodes.NO_ERROR else "goaway_received")
+            if self._transport is not None:
+                self._transport.close()
+        # Pings are answered by h2 itself; priority, trailers and 1xx carry nothing for a tunnel.
+
+    def _on_request_received(self, stream_id: int, headers: list[Header]) -> None:
+        stream = HboneStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.idle_since = None
+        if self.on_request is None:
+            self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.streams.pop(stream_id, None)
+            return
+        self.on_request(stream, headers)
+
+    def _wake_all_writers(self) -> None:
+        blocked, self._blocked_writers = self._blocked_writers, set()
+        for stream in blocked:
+            stream._on_window_open()
+
+
+def _encode(headers: Iterable[tuple[str, str]]) -> list[Header]:
+    """Headers as bytes: h2 only validates outbound headers (TE, Connection, ...) given bytes."""
+    return [(name.encode("ascii"), value.encode("utf-8")) for name, value in headers]
