@@ -5,6 +5,8 @@ need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v curl >/dev/null || need+=(curl)
 # Debian's python3 has no ensurepip (so no `python3 -m venv`) without python3-venv.
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

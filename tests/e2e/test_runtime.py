@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from meshway.controlplane.launcher import free_port
 from meshway.runtime import host
 from meshway.runtime.network import ClusterNames
+
+from .meshcluster import Cluster, running_cluster
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)"),
 ]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 MANIFEST = """\
 apiVersion: v1
@@ -94,72 +88,10 @@ spec:
 """
 
 
-class Cluster:
-    def __init__(self, name: str, state: Path) -> None:
-        self.name = name
-        self.env = {
-            **os.environ,
-            "MESHWAY_STATE_DIR": str(state),
-            "MESHWAY_SERVER": "",
-            "MESHWAY_TOKEN": "",
-        }
-        self.env.pop("MESHWAY_SERVER")
-        self.env.pop("MESHWAY_TOKEN")
-        self.state = state
-
-    def meshway(
-        self, *args: str, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "meshway", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=ROOT,
-        )
-        if check:
-            assert proc.returncode == 0, f"meshway {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-        return proc
-
-    def exec(self, pod: str, *cmd: str, check: bool = True) -> str:
-        return self.meshway("exec", pod, "--", *cmd, check=check).stdout
-
-    def curl(self, pod: str, url: str) -> str:
-        """HTTP status and peer address as seen by curl inside `pod`."""
-        return self.exec(
-            pod, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{remote_ip}",
-            "--max-time", "5", url, check=False,
-        )  # fmt: skip
-
-    def status(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.meshway("cluster", "status", "-o", "json").stdout)
-        return data
-
-    def wait(self, predicate: Any, seconds: float = 20.0) -> dict[str, Any]:
-        deadline = time.monotonic() + seconds
-        while True:
-            state = self.status()
-            if predicate(state):
-                return state
-            assert time.monotonic() < deadline, f"condition not met: {json.dumps(state)[:1500]}"
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    state = tmp_path_factory.mktemp("runtime")
-    c = Cluster(f"t{secrets.token_hex(3)}", state)
-    manifest = state / "cluster.yaml"
-    manifest.write_text(MANIFEST)
-    try:
-        c.meshway(
-            "cluster", "up", "-f", str(manifest), "--name", c.name,
-            "--grpc-port", str(free_port()), "--admin-port", str(free_port()),
-        )  # fmt: skip
+    with running_cluster(tmp_path_factory.mktemp("runtime"), MANIFEST) as c:
         yield c
-    finally:
-        c.meshway("cluster", "down", "--name", c.name, check=False)
 
 
 def test_pods_run_on_their_nodes(cluster: Cluster) -> None:

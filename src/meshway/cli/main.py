@@ -562,6 +562,9 @@ def cluster_up(
     grpc_port: Annotated[int, typer.Option()] = 15012,
     admin_port: Annotated[int, typer.Option()] = 15014,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every pod.")] = 60.0,
+    cert_lifetime_seconds: Annotated[
+        int, typer.Option(help="Workload certificate lifetime the node proxies ask for.")
+    ] = 0,
 ) -> None:
     """Create the cluster from manifests (Nodes, Workloads, Services, ...) and wait for it."""
     from meshway.runtime import cluster
@@ -576,6 +579,9 @@ def cluster_up(
         grpc_port=grpc_port,
         admin_port=admin_port,
         controlplane_args=args,
+        node_proxy_args=(
+            ["--cert-lifetime-seconds", str(cert_lifetime_seconds)] if cert_lifetime_seconds else []
+        ),
         timeout=timeout,
         log=lambda msg: out.print(msg, markup=False),
     )
@@ -648,6 +654,7 @@ def cluster_agent(
         settings.server,
         Path(settings.token_file).read_text().strip(),
         settings.node_network,
+        node_proxy_args=settings.node_proxy_args,
     )
     agent.run()
 

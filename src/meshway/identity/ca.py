@@ -45,7 +45,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_WORKLOAD_TTL = timedelta(hours=24)
 DEFAULT_MAX_TTL = timedelta(days=30)
 DEFAULT_SERVING_TTL = timedelta(days=365)
-MIN_TTL = timedelta(minutes=1)
+# Short enough for tests of rotation under load; the default lifetime is 24 h.
+MIN_TTL = timedelta(seconds=10)
 # Backdating absorbs clock skew between the CA and the peers that verify its certificates.
 CLOCK_SKEW = timedelta(minutes=1)
 ROOT_LIFETIME = timedelta(days=3650)

@@ -36,6 +36,7 @@ class NodeAdmin:
         app = web.Application()
 
         async def metrics(request: web.Request) -> web.Response:
+            self.proxy.refresh_gauges()
             return web.Response(
                 body=self.proxy.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
             )

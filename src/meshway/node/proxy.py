@@ -190,6 +190,17 @@ class NodeProxy:
                 self.tracked.pop(cid, None)
                 tracked.close()
 
+    def refresh_gauges(self) -> None:
+        """Fold the HBONE servers' error counts into the metrics before a scrape."""
+        totals: dict[str, int] = {}
+        for pod in self.pods.values():
+            if pod.hbone is not None:
+                for reason, count in pod.hbone.errors.items():
+                    totals[reason] = totals.get(reason, 0) + count
+        self.metrics.hbone_errors.clear()
+        for reason, count in totals.items():
+            self.metrics.hbone_errors.labels(reason=reason).set(count)
+
     def dump(self) -> dict[str, Any]:
         return {
             "node": self.config.node,
@@ -262,7 +273,7 @@ class PodProxy:
         self.pool = HboneConnectionPool()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._hbone: HboneServer | None = None
+        self.hbone: HboneServer | None = None
 
     @property
     def uid(self) -> str:
@@ -297,8 +308,8 @@ class PodProxy:
         except BaseException:
             await self.stop(uncapture=False)
             raise
-        self._hbone = HboneServer(hbone, self.creds, self._inbound_hbone)
-        self._spawn(self._hbone.serve())
+        self.hbone = HboneServer(hbone, self.creds, self._inbound_hbone)
+        self._spawn(self.hbone.serve())
         self._spawn(self._accept_loop(outbound, self._outbound))
         self._spawn(self._accept_loop(plaintext, self._inbound_plaintext))
         log.info("capturing pod %s (%s) in %s", self.uid, self.ip, self.netns.path)
@@ -313,8 +324,8 @@ class PodProxy:
         if uncapture:
             with contextlib.suppress(NetnsError, OSError):
                 await self.netns.remove_capture()
-        if self._hbone is not None:
-            self._hbone.close()
+        if self.hbone is not None:
+            self.hbone.close()
         for sock in self._listeners:
             sock.close()
         for task in list(self._tasks):

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class ClusterSettings:
     node_network: str
     controlplane_pid: int
     agent_pid: int = 0
+    node_proxy_args: list[str] = field(default_factory=list)
 
 
 def clusters_dir() -> Path:
@@ -109,6 +110,7 @@ def up(
     grpc_port: int = 15012,
     admin_port: int = 15014,
     controlplane_args: list[str] | None = None,
+    node_proxy_args: list[str] | None = None,
     timeout: float = 60.0,
     log: Any = print,
 ) -> dict[str, Any]:
@@ -140,6 +142,7 @@ def up(
         token_file=str(directory / "controlplane" / "admin.token"),
         node_network=node_network,
         controlplane_pid=cp.proc.pid,
+        node_proxy_args=list(node_proxy_args or []),
     )
     _save(directory, settings)
     log(f"control plane ready at {cp.server}")
@@ -259,7 +262,7 @@ def status(name: str) -> dict[str, Any]:
         **{
             k: v
             for k, v in agent_state(name).items()
-            if k in ("nodes", "pods", "error", "revision")
+            if k in ("nodes", "pods", "nodeProxies", "error", "revision")
         },
     }
 

@@ -107,6 +107,12 @@ class NodeMetrics:
         self.enrolled = Gauge(
             "meshway_node_enrolled_pods", "Pods captured by this proxy.", registry=r
         )
+        self.hbone_errors = Gauge(
+            "meshway_node_hbone_rejected_connections",
+            "HBONE connections and requests closed for bad input, by reason (since capture).",
+            ["reason"],
+            registry=r,
+        )
         self.cert_expiry = Gauge(
             "meshway_node_certificate_expiry_timestamp_seconds",
             "When each local identity's certificate expires.",
