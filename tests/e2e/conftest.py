@@ -12,7 +12,7 @@ import pytest
 from meshway.controlplane.launcher import ControlPlaneProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
+EXAMPLES = ROOT / "examples" / "mesh.yaml"
 
 
 class Cli:

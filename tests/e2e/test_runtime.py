@@ -72,6 +72,13 @@ spec:
   nodeName: node-1
   command: [sleep, infinity]
 ---
+apiVersion: meshway.io/v1alpha1
+kind: Workload
+metadata: {name: resolver, namespace: demo}
+spec:
+  nodeName: node-1
+  command: [sh, -c, "getent hosts web web.demo.svc.cluster.local; exec sleep infinity"]
+---
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: demo}
@@ -101,6 +108,7 @@ def test_pods_run_on_their_nodes(cluster: Cluster) -> None:
         "demo/web": "node-2",
         "demo/echo": "node-2",
         "demo/client": "node-1",
+        "demo/resolver": "node-1",
     }
     assert all(p["phase"] == "Running" for p in pods.values())
     names = ClusterNames(cluster.name)
@@ -125,6 +133,8 @@ def test_service_vip_and_names(cluster: Cluster) -> None:
         "spec"
     ]["clusterIP"]
     assert cluster.curl("demo/client", f"http://{vip}/") == f"200 {vip}"
+    # A program resolving names as it starts sees them too (the hosts file exists before it).
+    assert f"{vip}" in cluster.meshway("logs", "demo/resolver").stdout
     for name in ("web", "web.demo", "web.demo.svc.cluster.local"):
         assert cluster.curl("demo/client", f"http://{name}/") == f"200 {vip}", name
     echoed = cluster.exec(

@@ -176,6 +176,7 @@ class RuntimeAgent:
         self._events: queue.Queue[int] = queue.Queue()
         self._stop = threading.Event()
         self._program: dict[str, str] = {}
+        self._service_names: list[ServiceName] = []
 
     # -- reading the desired state -------------------------------------------------------------
 
@@ -237,13 +238,7 @@ class RuntimeAgent:
             for n in addresses
         }
 
-        wanted = {f"{w.metadata.namespace}/{w.metadata.name}": w for w in workloads}
-        for key in [k for k in self.state.pods if k not in wanted]:
-            self._remove_pod(key)
-        for key, wl in wanted.items():
-            self._ensure_pod(key, wl)
-
-        # Service VIPs on every node, and every pod's names.
+        # Service VIPs for every node, and names for every pod (written before a pod starts).
         table: dict[tuple[str, int], list[tuple[str, int]]] = {}
         names: list[ServiceName] = []
         for svc in services:
@@ -260,6 +255,13 @@ class RuntimeAgent:
                     for port, target in e.ports
                     if port == sp.port
                 ]
+        self._service_names = names
+        wanted = {f"{w.metadata.namespace}/{w.metadata.name}": w for w in workloads}
+        for key in [k for k in self.state.pods if k not in wanted]:
+            self._remove_pod(key)
+        for key, wl in wanted.items():
+            self._ensure_pod(key, wl)
+
         for node in addresses:
             program = json.dumps(sorted(table.items()))
             if self._program.get(node.name) != program:
@@ -288,6 +290,15 @@ class RuntimeAgent:
                 wl.spec.node_name, ns, wl.metadata.name, str(wl.status.pod_ip)
             )
             host.write_netns_file(netns, "resolv.conf", resolv_conf(ns, self.cluster_domain))
+            # Before the first process starts: `ip netns exec` bind-mounts only files that exist.
+            hosts = hosts_file(
+                wl.metadata.name,
+                ns,
+                str(wl.status.pod_ip),
+                self._service_names,
+                self.cluster_domain,
+            )
+            host.write_netns_file(netns, "hosts", hosts)
             process = SupervisedProcess(
                 f"pod {key}", [], self.logs / f"{ns}.{wl.metadata.name}.log"
             )
