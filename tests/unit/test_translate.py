@@ -271,3 +271,21 @@ def test_peer_authentication_precedence() -> None:
     assert (
         decode_address(change, "shop/frontend-1").workload.mtls_mode == address_pb2.MTLS_PERMISSIVE
     )
+
+
+def test_selector_policies_in_the_root_namespace_select_across_the_mesh() -> None:
+    t = MeshTranslator(MeshSettings())
+    t.full(mesh(), "1")
+    root_policy = obj(
+        "AuthorizationPolicy",
+        "backends-everywhere",
+        "istio-system",
+        spec={"selector": {"matchLabels": {"app": "backend"}}, "rules": [{}]},
+    )
+    changes = by_type(t.apply([event(EventType.ADDED, root_policy, 2)], "2"))
+    assert set(changes[ADDRESS_TYPE].updated) == {"shop/backend-1", "shop/backend-2"}
+    wl = decode_address(changes[ADDRESS_TYPE], "shop/backend-1").workload
+    assert list(wl.authorization_policies) == [
+        "shop/backend-allow",
+        "istio-system/backends-everywhere",
+    ]

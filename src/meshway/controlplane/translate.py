@@ -166,9 +166,11 @@ class MeshTranslator:
             dirty[AUTHORIZATION_TYPE].add(f"{ns}/{obj.metadata.name}")
             selector = obj.spec.selector.match_labels if obj.spec.selector else None
             if selector:
-                for wl in self._ns[ns].workloads.values():
-                    if selects(selector, wl.metadata.labels):
-                        dirty[ADDRESS_TYPE].add(f"{ns}/{wl.metadata.name}")
+                scope = list(self._ns) if ns == self.settings.root_namespace else [ns]
+                for namespace in scope:
+                    for wl in self._ns[namespace].workloads.values():
+                        if selects(selector, wl.metadata.labels):
+                            dirty[ADDRESS_TYPE].add(f"{namespace}/{wl.metadata.name}")
         elif isinstance(obj, PeerAuthentication):
             mesh_wide = ns == self.settings.root_namespace and not (
                 obj.spec.selector and obj.spec.selector.match_labels
@@ -294,10 +296,17 @@ class MeshTranslator:
                     mapping.ports.append(
                         address_pb2.PortMapping(service_port=sp.port, target_port=target)
                     )
-        for pname, policy in sorted(bucket.policies.items()):
-            selector = policy.spec.selector.match_labels if policy.spec.selector else None
-            if selector and selects(selector, labels):
-                out.authorization_policies.append(f"{ns}/{pname}")
+        # Selector policies of the workload's namespace, and (as in Istio) those of the root
+        # namespace, which select across the whole mesh.
+        root = self._ns.get(self.settings.root_namespace)
+        sources = [(ns, bucket)] + (
+            [(self.settings.root_namespace, root)] if root and root is not bucket else []
+        )
+        for policy_ns, policy_bucket in sources:
+            for pname, policy in sorted(policy_bucket.policies.items()):
+                selector = policy.spec.selector.match_labels if policy.spec.selector else None
+                if selector and selects(selector, labels):
+                    out.authorization_policies.append(f"{policy_ns}/{pname}")
         waypoint = self._waypoint(ns, labels, "workload")
         if waypoint is not None:
             out.waypoint.CopyFrom(waypoint)
