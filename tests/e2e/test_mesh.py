@@ -88,7 +88,10 @@ spec: {{serviceAccountName: client, nodeName: node-1, command: [sleep, infinity]
 apiVersion: meshway.io/v1alpha1
 kind: Workload
 metadata: {{name: other, namespace: demo, labels: {{app: other}}}}
-spec: {{serviceAccountName: other, nodeName: node-1, command: [sleep, infinity]}}
+spec:
+  serviceAccountName: other
+  nodeName: node-1
+  command: [python3, -u, -m, http.server, "8080"]
 ---
 apiVersion: meshway.io/v1alpha1
 kind: Workload
@@ -410,14 +413,18 @@ def test_tcp_metrics_and_admin(mesh: Cluster) -> None:
 
 
 def test_node_proxy_restart_fails_closed_and_recovers(mesh: Cluster) -> None:
-    outsider_ip = mesh.status()["pods"]["plain/outsider"]["ip"]
+    pods = mesh.status()["pods"]
+    outsider_ip, other_ip = pods["plain/outsider"]["ip"], pods["demo/other"]["ip"]
     assert status(mesh, "demo/client", f"http://{outsider_ip}:8080/") == "200"
+    assert status(mesh, "plain/outsider", f"http://{other_ip}:8080/") == "200"
     proxy = mesh.status()["nodeProxies"]["node-1"]
     os.kill(proxy["pid"], signal.SIGKILL)
     time.sleep(0.3)
-    # While it is down the captured pod cannot send plaintext around it, in or out.
+    # While it is down the captured pods cannot send or receive plaintext around it.
     assert status(mesh, "demo/client", f"http://{outsider_ip}:8080/") == "000"
     assert status(mesh, "demo/client", "http://web/") == "000"
+    assert status(mesh, "plain/outsider", f"http://{other_ip}:8080/") == "000"
     mesh.eventually(lambda: mesh.status()["nodeProxies"]["node-1"]["restarts"] >= 1, seconds=20)
     mesh.eventually(lambda: status(mesh, "demo/client", "http://web/") == "200", seconds=30)
     assert status(mesh, "demo/client", f"http://{outsider_ip}:8080/") == "200"
+    assert status(mesh, "plain/outsider", f"http://{other_ip}:8080/") == "200"
