@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from meshway.api.v1 import address_pb2
-from meshway.hbone import HboneConnectionPool, HboneRequest, HboneServer, HboneStream
+from meshway.hbone import HboneConnectionPool, HboneRequest, HboneServer, HboneStream, relay
 from meshway.hbone.errors import HboneError, HboneRefused
 from meshway.hbone.tls import WorkloadCredentials
 from meshway.identity.caclient import CaClient
@@ -423,7 +423,7 @@ class PodProxy:
         sent = received = 0
         try:
             if isinstance(stream, HboneStream):
-                sent, received = await relay_stream(reader, writer, stream)
+                sent, received = await relay(stream, reader, writer)
             else:
                 up_reader, up_writer = await asyncio.open_connection(sock=stream)
                 sent, received = await relay_sockets(reader, writer, up_reader, up_writer)
@@ -536,16 +536,16 @@ class PodProxy:
         request.accept()
         metrics.opened.labels(**labels).inc()
         sent = received = 0
-        relay = asyncio.current_task()
+        task = asyncio.current_task()
         cid = self.node.next_id()
-        assert relay is not None
-        self.node.tracked[cid] = TrackedConnection(self.uid, conn, relay.cancel)
+        assert task is not None
+        self.node.tracked[cid] = TrackedConnection(self.uid, conn, task.cancel)
+        outcome = "allow"
         try:
             app_reader, app_writer = await asyncio.open_connection(sock=app)
-            received, sent = await relay_stream(app_reader, app_writer, request.stream)
+            received, sent = await relay(request.stream, app_reader, app_writer)
         except asyncio.CancelledError:
-            request.stream.abort()
-            reason = "closed: policy no longer allows it"
+            outcome = "closed: policy no longer allows it"
             raise
         finally:
             self.node.tracked.pop(cid, None)
@@ -558,15 +558,17 @@ class PodProxy:
                 (host, port),
                 request.peer_identity,
                 self.identity,
-                reason if "closed" in reason else "allow",
+                outcome,
                 received,
                 sent,
                 time.monotonic() - started,
             )
 
     def _service_for(self, port: int) -> str:
-        for name in self.workload.services:
-            return name.partition("/")[2]
+        """The service a connection to this workload's port most likely came through."""
+        for name, ports in sorted(self.workload.services.items()):
+            if any(mapping.target_port == port for mapping in ports.ports):
+                return name.partition("/")[2]
         return "unknown"
 
     async def _inbound_plaintext(self, sock: socket.socket) -> None:
@@ -622,10 +624,10 @@ class PodProxy:
         app = await self.netns.connect((local_ip, port), source=(peer[0], 0), timeout=5.0)
         metrics.opened.labels(**labels).inc()
         started = time.monotonic()
-        relay = asyncio.current_task()
-        assert relay is not None
+        task = asyncio.current_task()
+        assert task is not None
         cid = self.node.next_id()
-        self.node.tracked[cid] = TrackedConnection(self.uid, conn, relay.cancel)
+        self.node.tracked[cid] = TrackedConnection(self.uid, conn, task.cancel)
         sent = received = 0
         try:
             r1, w1 = await asyncio.open_connection(sock=sock)
@@ -705,41 +707,3 @@ async def relay_sockets(
         w1.close()
         w2.close()
     return forward, backward
-
-
-async def relay_stream(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: HboneStream
-) -> tuple[int, int]:
-    """Copy between a socket and an HBONE stream; returns (bytes to the stream, from it)."""
-
-    async def up() -> int:
-        total = 0
-        try:
-            while data := await reader.read(RELAY_CHUNK):
-                await stream.write(data)
-                total += len(data)
-            await stream.write_eof()
-        except (ConnectionError, OSError, HboneError):
-            stream.abort()
-        return total
-
-    async def down() -> int:
-        total = 0
-        try:
-            while data := await stream.read(RELAY_CHUNK):
-                writer.write(data)
-                total += len(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        except (ConnectionError, OSError, HboneError):
-            pass
-        return total
-
-    try:
-        sent, received = await asyncio.gather(up(), down())
-    finally:
-        writer.close()
-        with contextlib.suppress(HboneError):
-            await stream.close()
-    return sent, received
