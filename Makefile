@@ -49,6 +49,7 @@ demo: setup
 bench: setup
 	$(PY) bench/controlplane_scale.py
 	$(PY) bench/node_rss.py
+	$(PY) bench/dataplane.py
 
 clean:
 	rm -rf $(VENV) .state $(APT_STAMP) build dist src/*.egg-info

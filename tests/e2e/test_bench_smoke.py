@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,28 @@ def test_controlplane_scale_quick(tmp_path: Path) -> None:
     assert result["rss_mb"]["peak"] > 0
     assert set(result["met"]) == {"full_state_s", "change_to_all_p99_ms", "csr_per_s", "rss_mb"}
     assert "| measure | result | target |" in (tmp_path / "controlplane_scale.md").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+def test_dataplane_quick(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "dataplane.py"),
+            "--quick",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "dataplane.json").read_text())
+    for scenario in ("no-mesh", "ambient", "haproxy"):
+        figures = result["summary"][scenario]
+        assert figures["c1"]["rps"] > 0 and figures["c50"]["rps"] > 0, scenario
+        assert figures["churn"]["connections_per_s"] > 0, scenario
+        assert figures["bulk"]["gbit_per_s"] > 0, scenario
+    assert result["summary"]["ambient"]["c50"]["proxy_cpu_s_per_1000_req"] > 0
+    assert all(r["value"] is not None for r in result["ratios"].values())
