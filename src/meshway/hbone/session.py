@@ -98,6 +98,7 @@ class H2Session(asyncio.Protocol):
 
         self.streams: dict[int, HboneStream] = {}
         self.peer_identity: SpiffeId | None = None
+        self._flush_pending = False
         self.failure: HboneError | None = None
         self.failure_reason: str | None = None
         self.idle_since: float | None = self._loop.time()
@@ -213,9 +214,21 @@ class H2Session(asyncio.Protocol):
             self._transport.abort()
 
     def flush(self) -> None:
+        self._flush_pending = False
         data = self.h2.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
+
+    def flush_soon(self) -> None:
+        """Flush once at the end of this turn of the event loop.
+
+        Data frames and window updates from every stream written in the same turn leave in
+        one TLS write (one syscall) instead of one each: the profile of a loaded node proxy
+        showed `flush` and the socket writes under it as the largest single cost.
+        """
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self.flush)
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is over its high-water mark."""
@@ -276,7 +289,7 @@ class H2Session(asyncio.Protocol):
         for start in range(0, len(data), frame_size):
             end_here = end_stream and start + frame_size > last
             self.h2.send_data(stream_id, data[start : start + frame_size], end_stream=end_here)
-        self.flush()
+        self.flush_soon()
 
     def end_stream(self, stream_id: int) -> None:
         self._check_open()
@@ -294,7 +307,7 @@ class H2Session(asyncio.Protocol):
         """Hand `size` consumed bytes back to the peer's flow-control windows."""
         if size and not self._closing:
             self.h2.acknowledge_received_data(size, stream_id)
-            self.flush()
+            self.flush_soon()
 
     def wait_for_window(self, stream: HboneStream) -> None:
         self._blocked_writers.add(stream)
