@@ -98,7 +98,8 @@ def main() -> int:
             )
 
         say("Between the nodes there is only TLS (a packet capture on the link)")
-        pcap = Path(tempfile.mkdtemp(prefix="meshway-demo-")) / "link.pcap"
+        capture_dir = tempfile.TemporaryDirectory(prefix="meshway-demo-")
+        pcap = Path(capture_dir.name) / "link.pcap"
         dump = subprocess.Popen(
             [
                 "ip",
@@ -135,6 +136,7 @@ def main() -> int:
             }
         )
         print(f"   {len(summary)} packets captured; ports seen: {', '.join(ports)}")
+        capture_dir.cleanup()
         print(
             f"   'hello from backend' in the capture: {b'hello from backend' in data}"
             "  (it crossed inside HBONE, port 15008)"
