@@ -5,6 +5,7 @@ and a server pod on node-2 running nginx (a 500-byte answer) and an iperf3 serve
 
 - no-mesh: plain pods, direct;
 - ambient: pods in an ambient namespace, through the two node proxies (HBONE, mTLS);
+- sidecar: the same proxy code as a per-pod sidecar at both ends (`meshway.io/proxy: sidecar`);
 - haproxy: HAProxy 2.6 as an mTLS TCP sidecar in each pod, one thread each (TLS 1.3, mutual
   verification), the classic sidecar mesh built from a fast C proxy.
 
@@ -13,7 +14,7 @@ wrk closed loop at 1 and 50 connections (requests/s, p50, p99), wrk with a new c
 request (connections/s), and iperf3 over one connection (Gbit/s). CPU seconds per 1000
 requests of each scenario's proxies come from /proc during the 50-connection run. Each run is
 bounded (`--seconds`); results go to bench/results/dataplane.{json,md}. Not yet measured here:
-Meshway in sidecar mode and the fixed-rate (1000 rps) latency scenario.
+the fixed-rate (1000 rps) latency scenario.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ sys.path.insert(0, str(ROOT))
 from meshway.identity import CertificateAuthority, SpiffeId, build_csr, generate_key, key_to_pem  # noqa: E402
 from tests.e2e.meshcluster import Cluster, running_cluster  # noqa: E402
 
-SCENARIOS = ("no-mesh", "ambient", "haproxy")
+SCENARIOS = ("no-mesh", "ambient", "sidecar", "haproxy")
 BODY = "x" * 499 + "\n"
+# Meshway in sidecar mode: the same proxy code, one process per pod (meshway.io/proxy: sidecar).
+SIDECAR_LABEL = {ns: (", meshway.io/proxy: sidecar" if ns == "sidecar" else "") for ns in SCENARIOS}
 HTTP_PORT, IPERF_PORT = 8080, 5201
 HAP_HTTP, HAP_IPERF = 10000, 10001  # client sidecar listeners (in the client pod)
 HAP_TLS_HTTP, HAP_TLS_IPERF = 15443, 15444  # server sidecar listeners
@@ -122,7 +125,7 @@ def haproxy_client_conf(work: Path, server_ip: str) -> Path:
 def client_workload(ns: str, command: str) -> str:
     return (
         "apiVersion: meshway.io/v1alpha1\nkind: Workload\n"
-        f"metadata: {{name: client, namespace: {ns}, labels: {{app: client}}}}\n"
+        f"metadata: {{name: client, namespace: {ns}, labels: {{app: client{SIDECAR_LABEL[ns]}}}}}\n"
         f"spec:\n  nodeName: node-1\n  command: [sh, -c, {json.dumps(command)}]"
     )
 
@@ -133,6 +136,8 @@ def manifest(work: Path) -> str:
         "apiVersion: v1\nkind: Namespace\n"
         "metadata: {name: ambient, labels: {istio.io/dataplane-mode: ambient}}",
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: haproxy}",
+        "apiVersion: v1\nkind: Namespace\n"
+        "metadata: {name: sidecar, labels: {istio.io/dataplane-mode: ambient}}",
         "apiVersion: meshway.io/v1alpha1\nkind: Node\nmetadata: {name: node-1}",
         "apiVersion: meshway.io/v1alpha1\nkind: Node\nmetadata: {name: node-2}",
     ]
@@ -142,7 +147,8 @@ def manifest(work: Path) -> str:
         server_cmd += f"exec haproxy -f {work}/haproxy-server.cfg" if ns == "haproxy" else "wait"
         docs.append(
             "apiVersion: meshway.io/v1alpha1\nkind: Workload\n"
-            f"metadata: {{name: server, namespace: {ns}, labels: {{app: server}}}}\n"
+            f"metadata: {{name: server, namespace: {ns}, "
+            f"labels: {{app: server{SIDECAR_LABEL[ns]}}}}}\n"
             f"spec:\n  nodeName: node-2\n  command: [sh, -c, {json.dumps(server_cmd)}]"
         )
         if ns != "haproxy":  # the HAProxy client needs the server's IP: applied once known
@@ -188,6 +194,8 @@ def proxy_pids(cluster: Cluster, ns: str) -> list[int]:
     state = cluster.status()
     if ns == "ambient":
         return [p["pid"] for p in state["nodeProxies"].values()]
+    if ns == "sidecar":
+        return [p["pid"] for k, p in state["sidecars"].items() if k.startswith("sidecar/")]
     if ns == "haproxy":
         pids = []
         for name in ("client", "server"):
@@ -372,10 +380,10 @@ def report(result: dict[str, Any]) -> str:
         f"## Data path ({result['date']}, {result['rounds']} interleaved rounds of "
         f"{result['seconds']} s, medians)",
         "",
-        "| measure | no mesh | Meshway ambient | HAProxy sidecars |",
-        "|---|---|---|---|",
+        "| measure | no mesh | Meshway ambient | Meshway sidecars | HAProxy sidecars |",
+        "|---|---|---|---|---|",
         *[
-            f"| {name} | {get('no-mesh')} | {get('ambient')} | {get('haproxy')} |"
+            "| " + " | ".join([name, *(str(get(ns)) for ns in SCENARIOS)]) + " |"
             for name, get in rows
         ],
         "",

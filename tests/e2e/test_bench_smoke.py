@@ -54,10 +54,11 @@ def test_dataplane_quick(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "dataplane.json").read_text())
-    for scenario in ("no-mesh", "ambient", "haproxy"):
+    for scenario in ("no-mesh", "ambient", "sidecar", "haproxy"):
         figures = result["summary"][scenario]
         assert figures["c1"]["rps"] > 0 and figures["c50"]["rps"] > 0, scenario
         assert figures["churn"]["connections_per_s"] > 0, scenario
         assert figures["bulk"]["gbit_per_s"] > 0, scenario
-    assert result["summary"]["ambient"]["c50"]["proxy_cpu_s_per_1000_req"] > 0
+    for scenario in ("ambient", "sidecar", "haproxy"):
+        assert result["summary"][scenario]["c50"]["proxy_cpu_s_per_1000_req"] > 0, scenario
     assert all(r["value"] is not None for r in result["ratios"].values())

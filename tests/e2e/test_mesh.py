@@ -7,6 +7,7 @@ it applied. All traffic stays inside the namespaces the cluster creates.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -428,3 +429,34 @@ def test_node_proxy_restart_fails_closed_and_recovers(mesh: Cluster) -> None:
     mesh.eventually(lambda: status(mesh, "demo/client", "http://web/") == "200", seconds=30)
     assert status(mesh, "demo/client", f"http://{outsider_ip}:8080/") == "200"
     assert status(mesh, "plain/outsider", f"http://{other_ip}:8080/") == "200"
+
+
+def test_sidecar_mode_for_one_pod(mesh: Cluster) -> None:
+    """A pod labelled meshway.io/proxy: sidecar gets its own proxy; the node proxy lets go."""
+    doc = (
+        "apiVersion: meshway.io/v1alpha1\nkind: Workload\n"
+        "metadata: {name: hybrid, namespace: demo,\n"
+        "  labels: {app: hybrid, meshway.io/proxy: sidecar}}\n"
+        "spec: {serviceAccountName: client, nodeName: node-1, command: [sleep, infinity]}\n"
+    )
+    mesh.apply(doc)
+    try:
+        log = mesh.directory / "logs" / "sidecar.demo.hybrid.log"
+        mesh.eventually(
+            lambda: log.exists() and "capturing pod demo/hybrid" in log.read_text(), seconds=30
+        )
+        assert "capturing pod demo/hybrid" not in mesh.node_log("node-1")
+        mesh.eventually(lambda: status(mesh, "demo/hybrid", "http://web/") == "200")
+        outbound = [
+            json.loads(line.split("meshway.connections: ", 1)[1])
+            for line in log.read_text().splitlines()
+            if "meshway.connections: " in line
+        ]
+        assert (
+            outbound
+            and outbound[-1]["destination_identity"] == "spiffe://cluster.local/ns/demo/sa/web"
+        )
+        assert "hybrid" not in json.dumps(mesh.status().get("nodeProxies", {}))
+    finally:
+        mesh.delete(doc)
+    mesh.eventually(lambda: "demo/hybrid" not in mesh.status().get("sidecars", {}))

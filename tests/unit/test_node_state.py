@@ -103,3 +103,11 @@ def test_local_workloads_are_the_enrolled_ones_of_this_node() -> None:
     assert [w.name for w in s.local_workloads()] == ["a"]
     s.apply(Update(ADDRESS_TYPE, "2", {}, frozenset({"shop/a"})))
     assert s.local_workloads() == [] and s.workload_by_ip("10.244.0.2") is None
+
+
+def test_sidecar_pods_belong_to_their_own_proxy() -> None:
+    hybrid = workload("h", "10.244.0.9")
+    hybrid.workload.labels["meshway.io/proxy"] = "sidecar"
+    s = state(("shop/a", workload("a", "10.244.0.2")), ("shop/h", hybrid))
+    assert [w.name for w in s.local_workloads()] == ["a"]  # the node proxy
+    assert [w.name for w in s.local_workloads(only_pod="shop/h")] == ["h"]  # h's sidecar

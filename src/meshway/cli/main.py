@@ -353,6 +353,10 @@ def node_run(
     cert_lifetime_seconds: Annotated[
         int, typer.Option(help="Requested certificate lifetime (0: the CA's default).")
     ] = 0,
+    only_pod: Annotated[
+        str | None,
+        typer.Option(help="Sidecar mode: capture only this pod (NAMESPACE/NAME)."),
+    ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run the node proxy: capture enrolled pods of this node, HBONE mTLS, L4 policy."""
@@ -367,7 +371,7 @@ def node_run(
         _fail(str(exc), 2)
     import uvloop
 
-    uvloop.run(run_node(creds, pod_netns, listen_netns, cert_lifetime_seconds))
+    uvloop.run(run_node(creds, pod_netns, listen_netns, cert_lifetime_seconds, only_pod))
 
 
 @node_app.command("xds")

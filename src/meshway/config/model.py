@@ -42,6 +42,10 @@ LABEL_USE_WAYPOINT = "istio.io/use-waypoint"
 LABEL_USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
 LABEL_WAYPOINT_FOR = "istio.io/waypoint-for"
 DATAPLANE_MODES = ("ambient", "none")
+# Meshway's own: a pod labelled `meshway.io/proxy: sidecar` gets a proxy of its own (sidecar
+# mode, for hybrid deployments) and the node proxy leaves it alone.
+LABEL_PROXY_MODE = "meshway.io/proxy"
+PROXY_MODE_SIDECAR = "sidecar"
 WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
 
 GATEWAY_API_GROUP = "gateway.networking.k8s.io"

@@ -37,7 +37,11 @@ async def _admin_sockets(listen_netns: Path | None) -> dict[int, socket.socket]:
 
 
 async def run_node(
-    creds: dict[str, Any], pod_netns: str, listen_netns: Path | None, cert_lifetime_seconds: int
+    creds: dict[str, Any],
+    pod_netns: str,
+    listen_netns: Path | None,
+    cert_lifetime_seconds: int,
+    only_pod: str | None = None,
 ) -> None:
     config = NodeConfig(
         node=creds["node"],
@@ -46,6 +50,7 @@ async def run_node(
         trust_bundle=creds["trustBundle"].encode(),
         pod_netns=lambda namespace, name: Path(pod_netns.format(namespace=namespace, name=name)),
         cert_lifetime=timedelta(seconds=cert_lifetime_seconds) if cert_lifetime_seconds else None,
+        only_pod=only_pod,
     )
     proxy = NodeProxy(config)
     admin = NodeAdmin(proxy)

@@ -70,6 +70,8 @@ class NodeConfig:
     pod_netns: Callable[[str, str], Path]
     cert_lifetime: timedelta | None = None
     root_namespace: str = "istio-system"
+    # Sidecar mode: capture only this pod ("namespace/name").
+    only_pod: str | None = None
 
 
 @dataclass
@@ -131,7 +133,7 @@ class NodeProxy:
 
     async def reconcile(self) -> None:
         """Capture exactly the enrolled pods of this node; rebuild what a restart lost."""
-        wanted = {wl.uid: wl for wl in self.state.local_workloads()}
+        wanted = {wl.uid: wl for wl in self.state.local_workloads(self.config.only_pod)}
         self.certs.retain({workload_identity(wl) for wl in wanted.values()})
         for uid in [u for u in self.pods if u not in wanted]:
             await self.pods.pop(uid).stop(uncapture=True)
@@ -162,6 +164,8 @@ class NodeProxy:
         for wl in self.state.workloads.values():
             if wl.node != self.config.node or wl.uid in wanted or wl.uid in self._uncaptured:
                 continue
+            if self.config.only_pod is not None and wl.uid != self.config.only_pod:
+                continue  # a sidecar minds its own pod only
             path = self.config.pod_netns(wl.namespace, wl.name)
             try:
                 netns = PodNetns(path)

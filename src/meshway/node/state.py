@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshway.api.v1 import address_pb2, authorization_pb2
+from meshway.config.model import LABEL_PROXY_MODE, PROXY_MODE_SIDECAR
 from meshway.identity.spiffe import SpiffeId
 from meshway.xds.client import Update
 from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE
@@ -94,12 +95,23 @@ class ProxyState:
             self._indexes = idx
         return self._indexes
 
-    def local_workloads(self) -> list[address_pb2.Workload]:
-        """Enrolled workloads scheduled on this node: the pods this proxy captures."""
+    def local_workloads(self, only_pod: str | None = None) -> list[address_pb2.Workload]:
+        """The pods this proxy captures: enrolled workloads scheduled on this node.
+
+        A node proxy leaves out pods labelled `meshway.io/proxy: sidecar`; a sidecar
+        (`only_pod`) takes exactly its own pod.
+        """
         return [
             wl
             for wl in self.workloads.values()
-            if wl.node == self.node and wl.tunnel_protocol == address_pb2.HBONE and wl.addresses
+            if wl.node == self.node
+            and wl.tunnel_protocol == address_pb2.HBONE
+            and wl.addresses
+            and (
+                wl.uid == only_pod
+                if only_pod is not None
+                else wl.labels.get(LABEL_PROXY_MODE) != PROXY_MODE_SIDECAR
+            )
         ]
 
     def workload_by_ip(self, ip: str) -> address_pb2.Workload | None:

@@ -26,7 +26,15 @@ from typing import Any
 
 import httpx
 
-from meshway.config.model import KINDS, Node, Resource, Service, Workload
+from meshway.config.model import (
+    KINDS,
+    LABEL_PROXY_MODE,
+    PROXY_MODE_SIDECAR,
+    Node,
+    Resource,
+    Service,
+    Workload,
+)
 from meshway.config.selection import service_endpoints
 from meshway.runtime import host
 from meshway.runtime.dns import ServiceName, hosts_file, resolv_conf
@@ -172,6 +180,7 @@ class RuntimeAgent:
         self.logs = cluster_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self._node_proxies: dict[str, SupervisedProcess] = {}
+        self._sidecars: dict[str, SupervisedProcess] = {}
         self.node_proxy_args = list(node_proxy_args)
         self._events: queue.Queue[int] = queue.Queue()
         self._stop = threading.Event()
@@ -318,9 +327,12 @@ class RuntimeAgent:
             "NODE_NAME": pod.node,
         }
         pod.process.tick(env, wl.spec.working_dir or str(self.dir))
+        self._ensure_sidecar(
+            key, pod, wl.metadata.labels.get(LABEL_PROXY_MODE) == PROXY_MODE_SIDECAR
+        )
 
-    def _ensure_node_proxy(self, node: str) -> None:
-        """One `meshway node run` per node, with a credential from a join done once."""
+    def _node_credentials(self, node: str) -> Path:
+        """The node's credential file, from a `node join` done once."""
         creds = self.dir / "nodes" / f"{node}.yaml"
         if not creds.exists():
             creds.parent.mkdir(parents=True, exist_ok=True)
@@ -329,22 +341,47 @@ class RuntimeAgent:
             fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(reply.json(), f)
+        return creds
+
+    def _proxy_command(self, node: str, listen_netns: str, only_pod: str | None) -> list[str]:
+        template = f"{host.NETNS_DIR}/{self.names.prefix}pod.{{namespace}}.{{name}}"
+        return [
+            sys.executable, "-m", "meshway", "node", "run",
+            "--credentials", str(self._node_credentials(node)),
+            "--pod-netns", template,
+            "--listen-netns", str(host.NETNS_DIR / listen_netns),
+            *(["--only-pod", only_pod] if only_pod else []),
+            *self.node_proxy_args,
+        ]  # fmt: skip
+
+    def _ensure_node_proxy(self, node: str) -> None:
+        """One `meshway node run` per node."""
         proxy = self._node_proxies.get(node)
         if proxy is None:
-            template = f"{host.NETNS_DIR}/{self.names.prefix}pod.{{namespace}}.{{name}}"
-            command = [
-                sys.executable, "-m", "meshway", "node", "run",
-                "--credentials", str(creds),
-                "--pod-netns", template,
-                "--listen-netns", str(host.NETNS_DIR / self.names.node_ns(node)),
-                *self.node_proxy_args,
-            ]  # fmt: skip
+            command = self._proxy_command(node, self.names.node_ns(node), None)
             proxy = SupervisedProcess(f"node proxy {node}", command, self.logs / f"node.{node}.log")
             self._node_proxies[node] = proxy
         proxy.tick(dict(os.environ), str(self.dir))
 
+    def _ensure_sidecar(self, key: str, pod: PodState, wanted: bool) -> None:
+        """Sidecar mode for a pod labelled `meshway.io/proxy: sidecar`: the same proxy code,
+        one process for this pod alone, its ports inside the pod."""
+        sidecar = self._sidecars.get(key)
+        if not wanted:
+            if sidecar is not None:
+                self._sidecars.pop(key).stop()
+            return
+        if sidecar is None:
+            command = self._proxy_command(pod.node, pod.netns, key)
+            log_path = self.logs / f"sidecar.{pod.namespace}.{pod.name}.log"
+            sidecar = self._sidecars[key] = SupervisedProcess(f"sidecar {key}", command, log_path)
+        sidecar.tick(dict(os.environ), str(self.dir))
+
     def _remove_pod(self, key: str) -> None:
         pod = self.state.pods.pop(key)
+        sidecar = self._sidecars.pop(key, None)
+        if sidecar is not None:
+            sidecar.stop()
         pod.process.stop()
         for pid in host.netns_pids(pod.netns):  # anything else left inside the pod
             with contextlib.suppress(ProcessLookupError):
@@ -361,6 +398,7 @@ class RuntimeAgent:
             "nodes": self.state.nodes,
             "pods": {k: p.describe() for k, p in sorted(self.state.pods.items())},
             "nodeProxies": {n: p.describe() for n, p in sorted(self._node_proxies.items())},
+            "sidecars": {k: p.describe() for k, p in sorted(self._sidecars.items())},
             "updated": time.time(),
         }
         tmp = self.dir / "agent-state.json.tmp"

@@ -262,7 +262,7 @@ def status(name: str) -> dict[str, Any]:
         **{
             k: v
             for k, v in agent_state(name).items()
-            if k in ("nodes", "pods", "nodeProxies", "error", "revision")
+            if k in ("nodes", "pods", "nodeProxies", "sidecars", "error", "revision")
         },
     }
 
