@@ -11,10 +11,11 @@ and a server pod on node-2 running nginx (a 500-byte answer) and an iperf3 serve
 
 Workloads are interleaved round by round so that machine noise hits every scenario alike:
 wrk closed loop at 1 and 50 connections (requests/s, p50, p99), wrk with a new connection per
-request (connections/s), and iperf3 over one connection (Gbit/s). CPU seconds per 1000
-requests of each scenario's proxies come from /proc during the 50-connection run. Each run is
-bounded (`--seconds`); results go to bench/results/dataplane.{json,md}. Not yet measured here:
-the fixed-rate (1000 rps) latency scenario.
+request (connections/s), a fixed 1000 requests/s over 4 connections with an open-loop generator
+(bench/openloop.py: p50/p90/p99 and the proxies' vCPU), and iperf3 over one connection
+(Gbit/s). CPU seconds per 1000 requests of each scenario's proxies come from /proc during the
+50-connection run. Each run is bounded (`--seconds`); results go to
+bench/results/dataplane.{json,md}.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -286,6 +288,23 @@ def one_round(
         )
         results[ns]["churn"] = {"connections_per_s": churn["rps"]}
     for ns in SCENARIOS:
+        # Fixed rate, open loop: 1000 requests/s over 4 connections.
+        pids = proxy_pids(cluster, ns)
+        before = cpu_seconds(pids) if pids else 0.0
+        started = time.monotonic()
+        raw = in_pod(
+            cluster, ns, "client", "python3", str(ROOT / "bench" / "openloop.py"), urls[ns]["http"],
+            "--rps", "1000", "--connections", "4", "--seconds", str(seconds), timeout=limit,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        try:
+            rate = json.loads(raw.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            rate = {"p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "achieved_rps": 0.0}
+        if pids:
+            rate["vcpu_per_proxy"] = round((cpu_seconds(pids) - before) / elapsed / len(pids), 4)
+        results[ns]["rate1000"] = rate
+    for ns in SCENARIOS:
         host, port = urls[ns]["iperf"].rsplit(":", 1)
         raw = in_pod(
             cluster,
@@ -331,7 +350,16 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
     added_amb = amb["c1"].get("p50_ms", 0) - base["c1"].get("p50_ms", 0)
     added_hap = hap["c1"].get("p50_ms", 0) - base["c1"].get("p50_ms", 0)
+    rate_amb, rate_base = amb.get("rate1000", {}), base.get("rate1000", {})
     return {
+        "added_p90_at_1000rps_ms": {
+            "value": round(rate_amb.get("p90_ms", 0) - rate_base.get("p90_ms", 0), 3),
+            "target": "<= 0.17",
+        },
+        "node_proxy_vcpu_at_1000rps": {
+            "value": rate_amb.get("vcpu_per_proxy"),
+            "target": "<= 0.06",
+        },
         "rps_c50_vs_haproxy": {
             "value": ratio(amb["c50"]["rps"], hap["c50"]["rps"]),
             "target": ">= 1.2",
@@ -372,6 +400,14 @@ def report(result: dict[str, Any]) -> str:
         ),
         ("bulk Gbit/s, one connection", lambda ns: s[ns]["bulk"]["gbit_per_s"]),
         (
+            "1000 rps over 4 conn.: p50 / p90 / p99 ms",
+            lambda ns: "{p50_ms} / {p90_ms} / {p99_ms}".format(**s[ns]["rate1000"]),
+        ),
+        (
+            "vCPU per proxy process at 1000 rps",
+            lambda ns: s[ns]["rate1000"].get("vcpu_per_proxy", "-"),
+        ),
+        (
             "proxy CPU s per 1000 requests (50 conn.)",
             lambda ns: s[ns]["c50"].get("proxy_cpu_s_per_1000_req", "-"),
         ),
@@ -404,6 +440,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s: a smoke run")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    # A stopped benchmark still tears its cluster down (the context managers' exits run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.seconds, args.rounds = 1, 1
     if os.geteuid() != 0:

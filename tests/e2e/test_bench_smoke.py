@@ -59,6 +59,7 @@ def test_dataplane_quick(tmp_path: Path) -> None:
         assert figures["c1"]["rps"] > 0 and figures["c50"]["rps"] > 0, scenario
         assert figures["churn"]["connections_per_s"] > 0, scenario
         assert figures["bulk"]["gbit_per_s"] > 0, scenario
+        assert figures["rate1000"]["p90_ms"] > 0 and figures["rate1000"]["achieved_rps"] > 0
     for scenario in ("ambient", "sidecar", "haproxy"):
         assert result["summary"][scenario]["c50"]["proxy_cpu_s_per_1000_req"] > 0, scenario
     assert all(r["value"] is not None for r in result["ratios"].values())
