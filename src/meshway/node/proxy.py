@@ -409,8 +409,8 @@ class PodProxy:
             metrics.rejected.labels(reason="upstream_failed").inc()
             labels["response_flags"] = flags
             metrics.opened.labels(**labels).inc()
-            metrics.closed.labels(**labels).inc()
-            _connection_log(
+            self._finished(
+                labels,
                 "outbound",
                 src_addr,
                 upstream.address,
@@ -432,10 +432,8 @@ class PodProxy:
                 up_reader, up_writer = await asyncio.open_connection(sock=stream)
                 sent, received = await relay_sockets(reader, writer, up_reader, up_writer)
         finally:
-            metrics.sent.labels(**labels).inc(sent)
-            metrics.received.labels(**labels).inc(received)
-            metrics.closed.labels(**labels).inc()
-            _connection_log(
+            self._finished(
+                labels,
                 "outbound",
                 src_addr,
                 upstream.address,
@@ -553,10 +551,8 @@ class PodProxy:
             raise
         finally:
             self.node.tracked.pop(cid, None)
-            metrics.sent.labels(**labels).inc(sent)
-            metrics.received.labels(**labels).inc(received)
-            metrics.closed.labels(**labels).inc()
-            _connection_log(
+            self._finished(
+                labels,
                 "inbound",
                 request.peer_address,
                 (host, port),
@@ -567,6 +563,36 @@ class PodProxy:
                 sent,
                 time.monotonic() - started,
             )
+
+    def _finished(
+        self,
+        labels: dict[str, str],
+        direction: str,
+        source: Any,
+        destination: Any,
+        source_identity: SpiffeId | None,
+        destination_identity: SpiffeId | None,
+        decision: str,
+        bytes_sent: int,
+        bytes_received: int,
+        duration: float,
+    ) -> None:
+        """Count a closed connection (bytes each way) and write its log line."""
+        metrics = self.node.metrics
+        metrics.sent.labels(**labels).inc(bytes_sent)
+        metrics.received.labels(**labels).inc(bytes_received)
+        metrics.closed.labels(**labels).inc()
+        _connection_log(
+            direction,
+            source,
+            destination,
+            source_identity,
+            destination_identity,
+            decision,
+            bytes_sent,
+            bytes_received,
+            duration,
+        )
 
     def _service_for(self, port: int) -> str:
         """The service a connection to this workload's port most likely came through."""
@@ -639,10 +665,8 @@ class PodProxy:
             received, sent = await relay_sockets(r1, w1, r2, w2)
         finally:
             self.node.tracked.pop(cid, None)
-            metrics.sent.labels(**labels).inc(sent)
-            metrics.received.labels(**labels).inc(received)
-            metrics.closed.labels(**labels).inc()
-            _connection_log(
+            self._finished(
+                labels,
                 "inbound-plaintext",
                 peer,
                 (local_ip, port),
