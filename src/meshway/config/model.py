@@ -33,20 +33,14 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticUndefined
 
 from meshway.config.errors import FieldError
+from meshway.config.labels import (
+    DATAPLANE_MODES,
+    LABEL_DATAPLANE_MODE,
+    LABEL_WAYPOINT_FOR,
+    WAYPOINT_FOR_VALUES,
+)
 
 DEFAULT_NAMESPACE = "default"
-
-# Well-known labels whose values change data-plane behaviour: a typo must not silently opt out.
-LABEL_DATAPLANE_MODE = "istio.io/dataplane-mode"
-LABEL_USE_WAYPOINT = "istio.io/use-waypoint"
-LABEL_USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
-LABEL_WAYPOINT_FOR = "istio.io/waypoint-for"
-DATAPLANE_MODES = ("ambient", "none")
-# Meshway's own: a pod labelled `meshway.io/proxy: sidecar` gets a proxy of its own (sidecar
-# mode, for hybrid deployments) and the node proxy leaves it alone.
-LABEL_PROXY_MODE = "meshway.io/proxy"
-PROXY_MODE_SIDECAR = "sidecar"
-WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
 
 GATEWAY_API_GROUP = "gateway.networking.k8s.io"
 CORE_GROUPS = ("", "core")

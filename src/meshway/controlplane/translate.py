@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshway.api.v1 import address_pb2, authorization_pb2
+from meshway.config.labels import LABEL_DATAPLANE_MODE, LABEL_USE_WAYPOINT, LABEL_WAYPOINT_FOR
 from meshway.config.model import (
     AuthorizationPolicy,
     Gateway,
@@ -34,9 +35,6 @@ from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE, NODE_PROXY_TYPE_
 
 NODE_PROXY_TYPES = NODE_PROXY_TYPE_URLS
 
-DATAPLANE_MODE = "istio.io/dataplane-mode"
-USE_WAYPOINT = "istio.io/use-waypoint"
-WAYPOINT_FOR = "istio.io/waypoint-for"
 HBONE_PORT = 15008
 
 _ACTIONS = {
@@ -247,14 +245,16 @@ class MeshTranslator:
     ) -> address_pb2.GatewayAddress | None:
         """The waypoint named by the object's or its namespace's use-waypoint label, if it serves
         this kind of traffic (`service` or `workload`)."""
-        name = own_labels.get(USE_WAYPOINT) or self._namespace_labels(ns).get(USE_WAYPOINT)
+        name = own_labels.get(LABEL_USE_WAYPOINT) or self._namespace_labels(ns).get(
+            LABEL_USE_WAYPOINT
+        )
         if not name or name == "none":
             return None
         bucket = self._ns.get(ns)
         gateway = bucket.gateways.get(name) if bucket else None
         if gateway is None:
             return None
-        serves = gateway.metadata.labels.get(WAYPOINT_FOR, "service")
+        serves = gateway.metadata.labels.get(LABEL_WAYPOINT_FOR, "service")
         if serves not in (traffic, "all"):
             return None
         address = address_pb2.GatewayAddress(
@@ -268,7 +268,9 @@ class MeshTranslator:
     def _workload(self, wl: Workload, bucket: _Namespaced) -> address_pb2.Workload:
         ns = wl.metadata.namespace or ""
         labels = wl.metadata.labels
-        mode = labels.get(DATAPLANE_MODE) or self._namespace_labels(ns).get(DATAPLANE_MODE)
+        mode = labels.get(LABEL_DATAPLANE_MODE) or self._namespace_labels(ns).get(
+            LABEL_DATAPLANE_MODE
+        )
         out = address_pb2.Workload(
             uid=f"{ns}/{wl.metadata.name}",
             name=wl.metadata.name,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshway.api.v1 import address_pb2, authorization_pb2
-from meshway.config.model import LABEL_PROXY_MODE, PROXY_MODE_SIDECAR
+from meshway.config.labels import LABEL_PROXY_MODE, PROXY_MODE_SIDECAR
 from meshway.identity.spiffe import SpiffeId
 from meshway.xds.client import Update
 from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE

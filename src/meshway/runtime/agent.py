@@ -26,15 +26,8 @@ from typing import Any
 
 import httpx
 
-from meshway.config.model import (
-    KINDS,
-    LABEL_PROXY_MODE,
-    PROXY_MODE_SIDECAR,
-    Node,
-    Resource,
-    Service,
-    Workload,
-)
+from meshway.config.labels import LABEL_PROXY_MODE, PROXY_MODE_SIDECAR
+from meshway.config.model import KINDS, Node, Resource, Service, Workload
 from meshway.config.selection import service_endpoints
 from meshway.runtime import host
 from meshway.runtime.dns import ServiceName, hosts_file, resolv_conf
@@ -346,7 +339,7 @@ class RuntimeAgent:
     def _proxy_command(self, node: str, listen_netns: str, only_pod: str | None) -> list[str]:
         template = f"{host.NETNS_DIR}/{self.names.prefix}pod.{{namespace}}.{{name}}"
         return [
-            sys.executable, "-m", "meshway", "node", "run",
+            sys.executable, "-m", "meshway.node",
             "--credentials", str(self._node_credentials(node)),
             "--pod-netns", template,
             "--listen-netns", str(host.NETNS_DIR / listen_netns),
