@@ -328,7 +328,12 @@ class ControlPlane:
 
         server = await self._start_grpc()
         admin = AdminServer(self)
-        await admin.start(self.config.admin_address)
+        try:
+            await admin.start(self.config.admin_address)
+        except OSError:
+            await server.stop(grace=None)
+            self.store.close()
+            raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

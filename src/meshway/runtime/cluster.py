@@ -133,7 +133,11 @@ def up(
         admin_port=admin_port,
         detach=True,
     )
-    cp.start()
+    try:
+        cp.start()
+    except (RuntimeError, TimeoutError) as exc:  # e.g. the ports are taken
+        shutil.rmtree(directory, ignore_errors=True)
+        raise ClusterError(f"the cluster's control plane did not start: {exc}") from exc
     assert cp.proc is not None
     settings = ClusterSettings(
         name=name,
