@@ -220,3 +220,29 @@ def test_down_leaves_nothing_behind(cluster: Cluster) -> None:
     assert not (cluster.state / "context.json").exists()
     # Down twice is fine (nothing to do).
     assert cluster.meshway("cluster", "down", "--name", cluster.name).returncode == 0
+
+
+def test_up_with_a_taken_port_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
+    import socket
+
+    from meshway.controlplane.launcher import free_port
+
+    from .meshcluster import Cluster
+
+    cluster = Cluster("tclash", tmp_path)
+    manifest = tmp_path / "cluster.yaml"
+    manifest.write_text(MANIFEST)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cluster.meshway(
+            "cluster", "up", "-f", str(manifest), "--name", "tclash",
+            "--admin-port", str(port), "--grpc-port", str(free_port()), check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        "control plane did not start" in result.stderr and "address already in use" in result.stderr
+    )
+    assert not (tmp_path / "clusters" / "tclash").exists()
+    assert ClusterNames("tclash").all_namespaces() == []
