@@ -47,9 +47,11 @@ demo: setup
 	$(PY) scripts/demo.py
 
 bench: setup
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/controlplane_scale.py
 	$(PY) bench/node_rss.py
 	$(PY) bench/dataplane.py
+	$(PY) bench/plots.py
 
 clean:
 	rm -rf $(VENV) .state $(APT_STAMP) build dist src/*.egg-info
