@@ -21,14 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 class Cluster:
     def __init__(self, name: str, state: Path) -> None:
         self.name = name
-        self.env = {
-            **os.environ,
-            "MESHWAY_STATE_DIR": str(state),
-            "MESHWAY_SERVER": "",
-            "MESHWAY_TOKEN": "",
-        }
-        self.env.pop("MESHWAY_SERVER")
-        self.env.pop("MESHWAY_TOKEN")
+        # The CLI finds this cluster through its state directory, never an outside server.
+        ignored = ("MESHWAY_SERVER", "MESHWAY_TOKEN")
+        self.env = {k: v for k, v in os.environ.items() if k not in ignored}
+        self.env["MESHWAY_STATE_DIR"] = str(state)
         self.state = state
 
     def meshway(

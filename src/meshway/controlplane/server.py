@@ -29,12 +29,13 @@ from meshway.config.model import ObjectKey, Resource, Workload
 from meshway.config.store import ApplyResult, ResourceVersionTooOld, SqliteStore, WatchEvent
 from meshway.controlplane.admission import Admission, ClusterNetwork
 from meshway.controlplane.nodes import CredentialError, NodeCredentials
-from meshway.controlplane.translate import NODE_PROXY_TYPES, MeshSettings, MeshTranslator
+from meshway.controlplane.translate import MeshSettings, MeshTranslator
 from meshway.identity.ca import CertificateAuthority, CsrRejected
 from meshway.identity.spiffe import SpiffeId
 from meshway.telemetry.metrics import CONTROLPLANE
 from meshway.xds.client import GRPC_OPTIONS
 from meshway.xds.server import AggregatedDiscoveryService, Change, ResourceCache
+from meshway.xds.types import NODE_PROXY_TYPE_URLS
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class ControlPlane:
             config.trust_domain, config.cluster_domain, config.root_namespace
         )
         self.translator = MeshTranslator(self.settings)
-        self.cache = ResourceCache(NODE_PROXY_TYPES)
+        self.cache = ResourceCache(NODE_PROXY_TYPE_URLS)
         self.ads = AggregatedDiscoveryService(self.cache, self._authenticate)
         self._identities_revision = -1
         self._identities: dict[str, set[tuple[str, str]]] = {}
@@ -304,7 +305,7 @@ class ControlPlane:
         revision = self.store.revision
         self.translator = MeshTranslator(self.settings)
         changes = self.translator.full(self.store.list(), str(revision))
-        for type_url in NODE_PROXY_TYPES:
+        for type_url in NODE_PROXY_TYPE_URLS:
             fresh = next((c for c in changes if c.type_url == type_url), None)
             keep = set(fresh.updated) if fresh else set()
             gone = set(self.cache.resources[type_url]) - keep

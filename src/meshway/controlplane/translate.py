@@ -33,8 +33,6 @@ from meshway.config.store import EventType, WatchEvent
 from meshway.xds.server import CachedResource, Change
 from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE, NODE_PROXY_TYPE_URLS
 
-NODE_PROXY_TYPES = NODE_PROXY_TYPE_URLS
-
 HBONE_PORT = 15008
 
 _ACTIONS = {
@@ -100,7 +98,7 @@ class MeshTranslator:
         self.settings = settings
         self._ns: dict[str, _Namespaced] = defaultdict(_Namespaced)
         self._namespaces: dict[str, Namespace] = {}
-        self._current: dict[str, dict[str, CachedResource]] = {t: {} for t in NODE_PROXY_TYPES}
+        self._current: dict[str, dict[str, CachedResource]] = {t: {} for t in NODE_PROXY_TYPE_URLS}
 
     # -- input -------------------------------------------------------------------------------
 
@@ -108,7 +106,7 @@ class MeshTranslator:
         """Build everything from a list of objects (start-up)."""
         for obj in objects:
             self._index(obj, deleted=False)
-        dirty: dict[str, set[str]] = {t: set() for t in NODE_PROXY_TYPES}
+        dirty: dict[str, set[str]] = {t: set() for t in NODE_PROXY_TYPE_URLS}
         for ns, bucket in self._ns.items():
             dirty[ADDRESS_TYPE] |= {f"{ns}/{n}" for n in bucket.workloads}
             dirty[ADDRESS_TYPE] |= {self._service_name(s) for s in bucket.services.values()}
@@ -117,7 +115,7 @@ class MeshTranslator:
 
     def apply(self, events: Iterable[WatchEvent], version: str) -> list[Change]:
         """Apply store events and return the resulting resource changes."""
-        dirty: dict[str, set[str]] = {t: set() for t in NODE_PROXY_TYPES}
+        dirty: dict[str, set[str]] = {t: set() for t in NODE_PROXY_TYPE_URLS}
         for event in events:
             obj = event.object
             old = self._lookup(obj.key)
@@ -224,8 +222,10 @@ class MeshTranslator:
         workload = bucket.workloads.get(rest)
         if workload is not None:
             return address_pb2.Address(workload=self._workload(workload, bucket))
-        service = next((s for s in bucket.services.values() if self._service_name(s) == name), None)
-        if service is not None:
+        # A service resource is named "<ns>/<name>.<ns>.svc.<domain>": look it up by name
+        # rather than scanning the namespace's services for every one rebuilt.
+        service = bucket.services.get(rest.split(".", 1)[0])
+        if service is not None and self._service_name(service) == name:
             return address_pb2.Address(service=self._service(service))
         return None
 

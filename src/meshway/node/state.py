@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshway.api.v1 import address_pb2, authorization_pb2
@@ -152,6 +151,3 @@ class ProxyState:
 
     def service_name_for(self, service: address_pb2.Service | None) -> str:
         return service.hostname if service is not None else "unknown"
-
-    def policies_snapshot(self) -> Mapping[str, authorization_pb2.Authorization]:
-        return self.policies
