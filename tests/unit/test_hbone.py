@@ -339,6 +339,13 @@ async def test_back_pressure_blocks_the_writer_instead_of_buffering(pki: Pki) ->
             writer.cancel()
 
 
+async def app_socket(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
 async def test_relay_copies_both_ways_with_half_close(pki: Pki) -> None:
     async def upstream_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         total = 0
@@ -352,9 +359,8 @@ async def test_relay_copies_both_ways_with_half_close(pki: Pki) -> None:
     counts: list[tuple[int, int]] = []
 
     async def to_app(request: HboneRequest) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", app_port)
         request.accept()
-        counts.append(await relay(request.stream, reader, writer))
+        counts.append(await relay(request.stream, await app_socket(app_port)))
 
     payload = os.urandom(3 * 1024 * 1024 + 5)
     async with app, serving(pki.server, to_app) as server, connected(server, pki.client) as c:
@@ -379,9 +385,9 @@ async def test_relay_resets_the_tunnel_when_the_upstream_socket_breaks(pki: Pki)
     relayed: list[tuple[int, int]] = []
 
     async def to_app(request: HboneRequest) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", app_port)
+        sock = await app_socket(app_port)
         request.accept()
-        relayed.append(await relay(request.stream, reader, writer))
+        relayed.append(await relay(request.stream, sock))
 
     async with app, serving(pki.server, to_app) as server, connected(server, pki.client) as c:
         stream = await c.open_stream(TARGET)

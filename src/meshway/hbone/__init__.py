@@ -2,8 +2,9 @@
 
 Layers, each in its own module: `tls` (contexts and SPIFFE identities), `session` (the h2
 state machine on an asyncio transport), `stream` (one tunnel as a flow-controlled byte
-stream), `client` (one outgoing connection), `pool` (shared outgoing connections) and
-`server` (accepting connections and dispatching CONNECT requests to a handler).
+stream), `relay` (copying between a socket and a tunnel inside event-loop callbacks),
+`client` (one outgoing connection), `pool` (shared outgoing connections) and `server`
+(accepting connections and dispatching CONNECT requests to a handler).
 """
 
 from meshway.hbone.client import HboneConnection
@@ -15,8 +16,9 @@ from meshway.hbone.errors import (
     StreamCapacityExhausted,
 )
 from meshway.hbone.pool import HboneConnectionPool
+from meshway.hbone.relay import relay, splice
 from meshway.hbone.server import HboneRequest, HboneServer, parse_authority
-from meshway.hbone.stream import HboneStream, relay
+from meshway.hbone.stream import HboneStream
 from meshway.hbone.tls import (
     IdentityError,
     IdentityMismatch,
@@ -47,4 +49,5 @@ __all__ = [
     "peer_identity",
     "relay",
     "server_context",
+    "splice",
 ]

@@ -109,6 +109,7 @@ class H2Session(asyncio.Protocol):
         self._peer_settings: asyncio.Future[None] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._blocked_writers: set[HboneStream] = set()
+        self._on_writable: list[Callable[[], None]] = []
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class H2Session(asyncio.Protocol):
             error = HboneConnectionError(f"the HBONE connection was lost: {exc}")
             self._shut(error, "connection_lost")
         self._writable.set()
+        self._on_writable.clear()  # the streams were failed, which ended their relays
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -168,6 +170,12 @@ class H2Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._call_writable_callbacks()
+
+    def _call_writable_callbacks(self) -> None:
+        callbacks, self._on_writable = self._on_writable, []
+        for callback in callbacks:
+            callback()
 
     # --- connection-level API --------------------------------------------------------------
 
@@ -236,6 +244,17 @@ class H2Session(asyncio.Protocol):
             await self._writable.wait()
 
     @property
+    def writing_paused(self) -> bool:
+        return not self._writable.is_set()
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` at the next `resume_writing` (synchronous producers' drain)."""
+        if self._writable.is_set():
+            self._loop.call_soon(callback)
+        else:
+            self._on_writable.append(callback)
+
+    @property
     def write_buffer_size(self) -> int:
         return 0 if self._transport is None else self._transport.get_write_buffer_size()
 
@@ -279,21 +298,30 @@ class H2Session(asyncio.Protocol):
     def sendable(self, stream_id: int) -> int:
         """How many bytes flow control lets us send on the stream right now."""
         self._check_open()
-        return self.h2.local_flow_control_window(stream_id)
+        try:
+            return self.h2.local_flow_control_window(stream_id)
+        except h2.exceptions.StreamClosedError:
+            raise _closed_under_us(stream_id) from None
 
     def send_data(self, stream_id: int, data: memoryview, *, end_stream: bool = False) -> None:
         """Send `data` (which must fit the window) in frames of the peer's maximum size."""
         self._check_open()
         frame_size = self.h2.max_outbound_frame_size
         last = len(data) - 1
-        for start in range(0, len(data), frame_size):
-            end_here = end_stream and start + frame_size > last
-            self.h2.send_data(stream_id, data[start : start + frame_size], end_stream=end_here)
+        try:
+            for start in range(0, len(data), frame_size):
+                end_here = end_stream and start + frame_size > last
+                self.h2.send_data(stream_id, data[start : start + frame_size], end_stream=end_here)
+        except h2.exceptions.StreamClosedError:
+            raise _closed_under_us(stream_id) from None
         self.flush_soon()
 
     def end_stream(self, stream_id: int) -> None:
         self._check_open()
-        self.h2.end_stream(stream_id)
+        try:
+            self.h2.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            raise _closed_under_us(stream_id) from None
         self.flush()
 
     def reset_stream(self, stream_id: int, error_code: int) -> None:
@@ -384,7 +412,9 @@ class H2Session(asyncio.Protocol):
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id:
                 stream = self.streams.get(event.stream_id)
-                if stream is not None:
+                # h2 handles a whole read before we see its events: a RST_STREAM later in
+                # the same read may have closed the stream already. Its event comes next.
+                if stream is not None and not self._closed_in_h2(event.stream_id):
                     self._blocked_writers.discard(stream)
                     stream._on_window_open()
             else:
@@ -435,7 +465,16 @@ class H2Session(asyncio.Protocol):
     def _wake_all_writers(self) -> None:
         blocked, self._blocked_writers = self._blocked_writers, set()
         for stream in blocked:
-            stream._on_window_open()
+            if not self._closed_in_h2(stream.stream_id):
+                stream._on_window_open()
+
+    def _closed_in_h2(self, stream_id: int) -> bool:
+        h2_stream = self.h2.streams.get(stream_id)
+        return h2_stream is None or h2_stream.closed
+
+
+def _closed_under_us(stream_id: int) -> HboneError:
+    return HboneError(f"stream {stream_id} was closed by the peer")
 
 
 def _encode(headers: Iterable[tuple[str, str]]) -> list[Header]:

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from h2.errors import ErrorCodes
 
@@ -30,11 +31,29 @@ WRITE_BURST = 256 * 1024
 _MAX_REFUSAL_BODY = 1024
 
 
+class StreamSink(Protocol):
+    """Takes a stream's events as they happen instead of `read` (see `hbone.relay`)."""
+
+    def stream_data(self, data: bytes) -> None:
+        """Received bytes; the sink calls `acknowledge` once it has passed them on."""
+
+    def stream_ended(self) -> None:
+        """The peer sent END_STREAM after all its data."""
+
+    def stream_failed(self, error: HboneError) -> None:
+        """A reset or a lost connection."""
+
+    def stream_writable(self) -> None:
+        """Flow-control window opened after `wait_for_window`."""
+
+
 class HboneStream:
     """A CONNECT tunnel: `read`/`write` bytes, `write_eof` to half-close, `abort` to reset.
 
-    One reader task and one writer task may use a stream at the same time (as `relay` does);
-    two concurrent readers or two concurrent writers are a programming error.
+    One reader task and one writer task may use a stream at the same time; two concurrent
+    readers or two concurrent writers are a programming error. The data path uses the
+    synchronous side instead: `attach` a sink for what arrives, `send_nowait` and
+    `write_eof_nowait` to send, all inside event-loop callbacks.
     """
 
     def __init__(self, session: H2Session, stream_id: int) -> None:
@@ -50,6 +69,7 @@ class HboneStream:
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._response: asyncio.Future[tuple[int, dict[str, str]]] | None = None
+        self._sink: StreamSink | None = None
 
     # --- reading -------------------------------------------------------------------------
 
@@ -115,6 +135,60 @@ class HboneStream:
     def write_buffer_size(self) -> int:
         """Bytes written but still queued in this connection's transport (shared by streams)."""
         return self._session.write_buffer_size
+
+    # --- the synchronous side, for relays ------------------------------------------------
+
+    def attach(self, sink: StreamSink) -> None:
+        """Hand everything received, buffered now and arriving later, to `sink`."""
+        if self._read_waiter is not None:
+            raise RuntimeError("a task is reading from this stream")
+        self._sink = sink
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            self._buffered -= len(chunk)
+            sink.stream_data(chunk)
+        failure = self._reset or self._connection_error
+        if self._remote_ended:
+            sink.stream_ended()
+        if failure is not None:
+            sink.stream_failed(failure)
+
+    def detach(self) -> None:
+        self._sink = None
+
+    def send_nowait(self, data: memoryview) -> int:
+        """Send as much of `data` as flow control allows now; returns how much that was."""
+        self._check_writable()
+        size = min(len(data), self._session.sendable(self.stream_id))
+        if size > 0:
+            self._session.send_data(self.stream_id, data[:size])
+        return max(size, 0)
+
+    def write_eof_nowait(self) -> None:
+        """`write_eof` without waiting for the transport to drain."""
+        if self._local_ended:
+            return
+        self._check_writable()
+        self._session.end_stream(self.stream_id)
+        self._local_ended = True
+        self._session.forget_if_closed(self)
+
+    def wait_for_window(self) -> None:
+        """Call the sink's `stream_writable` once the peer opens the window again."""
+        self._session.wait_for_window(self)
+
+    @property
+    def writing_paused(self) -> bool:
+        """True while the connection's TLS buffer is over its high-water mark."""
+        return self._session.writing_paused
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the connection's TLS buffer has drained below its low mark."""
+        self._session.when_writable(callback)
+
+    def acknowledge(self, size: int) -> None:
+        """Give `size` bytes the sink has passed on back to the peer's window."""
+        self._session.acknowledge(self.stream_id, size)
 
     # --- ending --------------------------------------------------------------------------
 
@@ -204,6 +278,9 @@ class HboneStream:
         """Buffer received data; False when the stream no longer wants it (already reset)."""
         if self._reset is not None or not data:
             return False
+        if self._sink is not None:
+            self._sink.stream_data(data)
+            return True
         self._chunks.append(data)
         self._buffered += len(data)
         _wake(self._read_waiter)
@@ -213,6 +290,8 @@ class HboneStream:
         self._remote_ended = True
         self._fail_response_if_ended()
         _wake(self._read_waiter)
+        if self._sink is not None:
+            self._sink.stream_ended()
 
     def _on_response(self, headers: list[tuple[bytes, bytes]]) -> None:
         status = 0
@@ -236,15 +315,21 @@ class HboneStream:
             self._discard_buffered()
         self._fail_response_if_ended()
         self._wake_all()
+        if self._sink is not None:
+            self._sink.stream_failed(self._reset)
 
     def _on_connection_lost(self, error: HboneError) -> None:
         if self._connection_error is None and not (self._local_ended and self._remote_ended):
             self._connection_error = error
         self._fail_response_if_ended()
         self._wake_all()
+        if self._sink is not None and self._connection_error is not None:
+            self._sink.stream_failed(self._connection_error)
 
     def _on_window_open(self) -> None:
         _wake(self._write_waiter)
+        if self._sink is not None:
+            self._sink.stream_writable()
 
     # --- internals -----------------------------------------------------------------------
 
@@ -307,58 +392,3 @@ class HboneStream:
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
-
-
-async def relay(
-    stream: HboneStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> tuple[int, int]:
-    """Copy a TCP connection and a tunnel both ways until both sides are done.
-
-    Half-close is carried across: EOF from the socket becomes END_STREAM and END_STREAM
-    becomes a TCP FIN, so request/response protocols that shut down their sending side keep
-    working. A reset or a broken socket on either side aborts the other. Both the stream and
-    the writer are closed on return. Returns (bytes sent into the tunnel, bytes received from
-    it), also when the relay ended with an error, so telemetry stays right.
-    """
-    sent = received = 0
-
-    async def socket_to_stream() -> None:
-        nonlocal sent
-        try:
-            while data := await reader.read(RELAY_CHUNK):
-                await stream.write(data)
-                sent += len(data)
-            await stream.write_eof()
-        except HboneStreamReset as reset:
-            if reset.error_code != ErrorCodes.NO_ERROR:
-                raise
-            # RFC 9113 8.1: the peer has all it wants; keep delivering what it sent us.
-
-    async def stream_to_socket() -> None:
-        nonlocal received
-        while data := await stream.read(RELAY_CHUNK):
-            writer.write(data)
-            received += len(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(socket_to_stream())
-            group.create_task(stream_to_socket())
-    except* (HboneError, ConnectionError, OSError) as failure:
-        logger.debug("hbone: relay on stream %d ended: %s", stream.stream_id, failure.exceptions)
-    finally:
-        # After a clean finish (or a peer that sent everything and then said "stop sending")
-        # the socket is closed after its buffer drains; after an error or a cancellation the
-        # tunnel is reset and the socket dropped, so both ends see the failure.
-        graceful = stream.is_finished or (
-            stream.at_eof and stream.reset_reason == ErrorCodes.NO_ERROR
-        )
-        stream.abort()
-        if graceful:
-            writer.close()
-        else:
-            writer.transport.abort()
-    return sent, received

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from meshway.api.v1 import address_pb2
-from meshway.hbone import HboneConnectionPool, HboneRequest, HboneServer, HboneStream, relay
+from meshway.hbone import HboneConnectionPool, HboneRequest, HboneServer, HboneStream, relay, splice
 from meshway.hbone.errors import HboneError, HboneRefused
 from meshway.hbone.tls import WorkloadCredentials
 from meshway.identity.caclient import CaClient
@@ -56,8 +56,6 @@ from meshway.xds.types import node_proxy_types
 
 log = logging.getLogger(__name__)
 conn_log = logging.getLogger("meshway.connections")
-
-RELAY_CHUNK = 256 * 1024
 
 
 @dataclass
@@ -401,7 +399,6 @@ class PodProxy:
             service,
             mtls,
         )
-        reader, writer = await asyncio.open_connection(sock=sock)
         try:
             stream = await self._open_upstream(upstream, (dst_ip, dst_port), src_addr[0])
         except (HboneError, OSError, CertificateUnavailable) as exc:
@@ -421,16 +418,14 @@ class PodProxy:
                 0,
                 time.monotonic() - started,
             )
-            writer.close()
             return
         metrics.opened.labels(**labels).inc()
         sent = received = 0
         try:
             if isinstance(stream, HboneStream):
-                sent, received = await relay(stream, reader, writer)
+                sent, received = await relay(stream, sock)
             else:
-                up_reader, up_writer = await asyncio.open_connection(sock=stream)
-                sent, received = await relay_sockets(reader, writer, up_reader, up_writer)
+                sent, received = await splice(sock, stream)
         finally:
             self._finished(
                 labels,
@@ -544,8 +539,7 @@ class PodProxy:
         self.node.tracked[cid] = TrackedConnection(self.uid, conn, task.cancel)
         outcome = "allow"
         try:
-            app_reader, app_writer = await asyncio.open_connection(sock=app)
-            received, sent = await relay(request.stream, app_reader, app_writer)
+            received, sent = await relay(request.stream, app)
         except asyncio.CancelledError:
             outcome = "closed: policy no longer allows it"
             raise
@@ -660,9 +654,7 @@ class PodProxy:
         self.node.tracked[cid] = TrackedConnection(self.uid, conn, task.cancel)
         sent = received = 0
         try:
-            r1, w1 = await asyncio.open_connection(sock=sock)
-            r2, w2 = await asyncio.open_connection(sock=app)
-            received, sent = await relay_sockets(r1, w1, r2, w2)
+            received, sent = await splice(sock, app)
         finally:
             self.node.tracked.pop(cid, None)
             self._finished(
@@ -706,32 +698,3 @@ def _connection_log(
             }
         )
     )
-
-
-async def relay_sockets(
-    r1: asyncio.StreamReader,
-    w1: asyncio.StreamWriter,
-    r2: asyncio.StreamReader,
-    w2: asyncio.StreamWriter,
-) -> tuple[int, int]:
-    """Copy both ways with half-close; returns (bytes 1→2, bytes 2→1)."""
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-        total = 0
-        try:
-            while data := await reader.read(RELAY_CHUNK):
-                writer.write(data)
-                total += len(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        except (ConnectionError, OSError):
-            pass
-        return total
-
-    try:
-        forward, backward = await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
-    finally:
-        w1.close()
-        w2.close()
-    return forward, backward
