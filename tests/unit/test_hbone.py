@@ -400,6 +400,79 @@ async def test_relay_resets_the_tunnel_when_the_upstream_socket_breaks(pki: Pki)
     assert relayed == [(0, 5)]
 
 
+class RawClient:
+    """A plain h2 client over TLS, for frames our own client never sends."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+
+    @classmethod
+    async def connect(cls, server: HboneServer, creds: WorkloadCredentials) -> RawClient:
+        reader, writer = await asyncio.open_connection(*server.address, ssl=client_context(creds))
+        client = cls(reader, writer)
+        client.conn.initiate_connection()
+        client.conn.send_headers(1, [(":method", "CONNECT"), (":authority", TARGET)])
+        writer.write(client.conn.data_to_send())
+        assert await client.until(h2.events.ResponseReceived)
+        return client
+
+    async def until(self, kind: type[h2.events.Event]) -> list[h2.events.Event]:
+        """Events up to and including the first of `kind`; [] if the connection ended first."""
+        seen: list[h2.events.Event] = []
+        async with asyncio.timeout(10):
+            while data := await self.reader.read(65536):
+                for event in self.conn.receive_data(data):
+                    seen.append(event)
+                    if isinstance(event, kind):
+                        return seen
+                self.writer.write(self.conn.data_to_send())
+        return []
+
+
+async def test_padded_data_split_into_one_byte_reads_arrives_whole(pki: Pki) -> None:
+    """The lean DATA path: padding, and frames cut at every byte across TLS records."""
+    async with serving(pki.server, echo) as server:
+        raw = await RawClient.connect(server, pki.client)
+        raw.conn.send_data(1, b"hello ", pad_length=20)
+        raw.conn.send_data(1, b"", pad_length=7)
+        raw.conn.send_data(1, b"world", end_stream=True, pad_length=0)
+        for byte in raw.conn.data_to_send():
+            raw.writer.write(bytes([byte]))
+            await raw.writer.drain()
+        events = await raw.until(h2.events.StreamEnded)
+        raw.writer.close()
+    echoed = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert echoed == b"hello world"
+
+
+async def test_overrunning_the_stream_window_is_a_flow_control_error(pki: Pki) -> None:
+    async def hold(request: HboneRequest) -> None:
+        request.accept()
+        while not request.stream.is_closed:  # never reads: the window is never handed back
+            await asyncio.sleep(0.05)
+
+    async with serving(pki.server, hold) as server:
+        raw = await RawClient.connect(server, pki.client)
+        # Make this client believe the windows are huge, then send past the real ones.
+        raw.conn.outbound_flow_control_window = 1 << 30
+        raw.conn.streams[1].outbound_flow_control_window = 1 << 30
+        chunk = b"o" * raw.conn.max_outbound_frame_size
+        for _ in range(STREAM_WINDOW // len(chunk) + 2):
+            raw.conn.send_data(1, chunk)
+        raw.writer.write(raw.conn.data_to_send())
+        events = await raw.until(h2.events.ConnectionTerminated)
+        raw.writer.close()
+        await eventually(lambda: bool(server.errors))
+    assert events, "the server never answered"
+    terminated = events[-1]
+    assert isinstance(terminated, h2.events.ConnectionTerminated)
+    assert terminated.error_code == ErrorCodes.FLOW_CONTROL_ERROR
+    assert server.errors == {"flow_control_error": 1}
+
+
 async def test_closing_the_server_fails_open_tunnels(pki: Pki) -> None:
     handler_saw: list[BaseException] = []
 

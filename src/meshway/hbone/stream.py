@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from h2.errors import ErrorCodes
 
 from meshway.hbone.errors import HboneConnectionError, HboneError, HboneStreamReset
+from meshway.hbone.windows import STREAM_WINDOW
 
 if TYPE_CHECKING:
     from meshway.hbone.session import H2Session
@@ -70,6 +71,12 @@ class HboneStream:
         self._write_waiter: asyncio.Future[None] | None = None
         self._response: asyncio.Future[tuple[int, dict[str, str]]] | None = None
         self._sink: StreamSink | None = None
+        # For the session's lean DATA path: whether DATA may arrive now (after the request
+        # or response headers, before END_STREAM or a reset), and this stream's receive
+        # window as granted to the peer.
+        self._receiving = False
+        self._recv_window = STREAM_WINDOW
+        self._recv_unacked = 0
 
     # --- reading -------------------------------------------------------------------------
 
@@ -211,6 +218,7 @@ class HboneStream:
         if self.is_closed:
             return
         self._reset = HboneStreamReset(error_code, by_peer=False)
+        self._receiving = False
         self._session.reset_stream(self.stream_id, error_code)
         self._discard_buffered()
         self._session.forget_if_closed(self)
@@ -288,6 +296,7 @@ class HboneStream:
 
     def _on_remote_end(self) -> None:
         self._remote_ended = True
+        self._receiving = False
         self._fail_response_if_ended()
         _wake(self._read_waiter)
         if self._sink is not None:
@@ -304,9 +313,11 @@ class HboneStream:
         if self._response is None:
             self._response = self._loop.create_future()
         if not self._response.done():
+            self._receiving = True
             self._response.set_result((status, decoded))
 
     def _on_reset(self, error_code: int, *, by_peer: bool) -> None:
+        self._receiving = False
         if self._reset is None:
             self._reset = HboneStreamReset(error_code, by_peer=by_peer)
         if not self._remote_ended:
@@ -319,6 +330,7 @@ class HboneStream:
             self._sink.stream_failed(self._reset)
 
     def _on_connection_lost(self, error: HboneError) -> None:
+        self._receiving = False
         if self._connection_error is None and not (self._local_ended and self._remote_ended):
             self._connection_error = error
         self._fail_response_if_ended()
