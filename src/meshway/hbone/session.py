@@ -64,6 +64,12 @@ MAX_HEADER_LIST_SIZE = 64 * 1024
 MAX_FRAME_SIZE = 64 * 1024
 DEFAULT_MAX_CONCURRENT_STREAMS = 100
 _DEFAULT_WINDOW = 65_535
+# Data is written at once on a connection with fewer open streams than this, and at the end of
+# the event loop's turn on a busier one. Deferring lets the frames of every stream written in
+# one turn leave in one TLS write, which took a third off the CPU per request at 50 streams;
+# with a few streams a frame rarely has company, and the deferral only costs an extra loop
+# turn (about 40 us per round trip through two proxies, measured with one stream).
+COALESCE_MIN_STREAMS = 8
 
 # A frame header as (length << 8 | type, flags, stream id): RFC 9113 4.1 in one unpack.
 _FRAME_HEAD = struct.Struct(">IBI")
@@ -347,12 +353,7 @@ class H2Session(asyncio.Protocol):
             self._outbuf += pending
 
     def flush_soon(self) -> None:
-        """Flush once at the end of this turn of the event loop.
-
-        Data frames and window updates from every stream written in the same turn leave in
-        one TLS write (one syscall) instead of one each: the profile of a loaded node proxy
-        showed `flush` and the socket writes under it as the largest single cost.
-        """
+        """Flush once at the end of this turn of the event loop (see COALESCE_MIN_STREAMS)."""
         if not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self.flush)
@@ -443,6 +444,8 @@ class H2Session(asyncio.Protocol):
             out += chunk
         if end_stream:
             self.end_stream(stream_id)
+        elif len(self.streams) < COALESCE_MIN_STREAMS:
+            self.flush()
         else:
             self.flush_soon()
 
