@@ -216,7 +216,9 @@ class _TunnelRelay:
             self.end.resume_reading()
 
     def socket_eof(self, end: SocketEnd) -> None:
-        if self._pending is None and not self.stream.writing_paused:
+        # END_STREAM is an empty frame: it needs no window and may join a full TLS buffer.
+        # With bytes still parked, _push sends it after them.
+        if self._pending is None:
             self._end_up()
 
     def _end_up(self) -> None:
