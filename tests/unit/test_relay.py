@@ -31,6 +31,7 @@ from meshway.hbone import (
     relay,
     splice,
 )
+from meshway.hbone.relay import _TunnelRelay
 from meshway.hbone.session import STREAM_WINDOW
 from tests.unit.test_hbone import SERVER_ID, TARGET, Pki, eventually, listening_socket
 from tests.unit.test_hbone import pki as pki
@@ -354,3 +355,30 @@ async def _window_update_and_reset_in_one_read(pki: Pki) -> None:
     async with asyncio.timeout(10):
         await hbone.wait_closed()
     assert "internal_error" not in hbone.errors
+
+
+class PausedStream:
+    """Just enough of an HboneStream whose connection's TLS buffer is over its high mark."""
+
+    stream_id = 1
+    writing_paused = True
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def write_eof_nowait(self) -> None:
+        self.ended = True
+
+
+def test_eof_becomes_end_stream_while_the_tls_buffer_is_full() -> None:
+    """Other streams filled the shared TLS buffer; this socket's EOF must not wait for them
+    (a regression: nothing would ever have sent its END_STREAM)."""
+
+    async def scenario() -> None:
+        stream = PausedStream()
+        state = _TunnelRelay(stream)  # type: ignore[arg-type]
+        state.end.eof = True
+        state.socket_eof(state.end)
+        assert stream.ended
+
+    asyncio.run(scenario())
