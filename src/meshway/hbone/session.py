@@ -426,9 +426,9 @@ class H2Session(asyncio.Protocol):
     def send_data(self, stream_id: int, data: memoryview, *, end_stream: bool = False) -> None:
         """Send `data` (which must fit the window) in frames of the peer's maximum size."""
         self._check_open()
-        h2_stream = self.h2.streams.get(stream_id)
-        if h2_stream is None or h2_stream.closed:
+        if self._closed_in_h2(stream_id):
             raise _closed_under_us(stream_id)
+        h2_stream = self.h2.streams[stream_id]
         size = len(data)
         if size > min(self.h2.outbound_flow_control_window, h2_stream.outbound_flow_control_window):
             raise HboneError(f"{size} bytes do not fit the flow-control window")
@@ -472,27 +472,24 @@ class H2Session(asyncio.Protocol):
         """
         if not size or self._closing:
             return
-        queued = False
         stream = self.streams.get(stream_id)
         if stream is not None and stream._receiving:
             stream._recv_unacked += size
             if stream._recv_unacked >= STREAM_WINDOW // 2:
-                queued = self._window_update(stream_id, stream._recv_unacked)
+                self._window_update(stream_id, stream._recv_unacked)
                 stream._recv_window += stream._recv_unacked
                 stream._recv_unacked = 0
         self._recv_unacked += size
         if self._recv_unacked >= CONNECTION_WINDOW // 2:
-            queued = self._window_update(0, self._recv_unacked)
+            self._window_update(0, self._recv_unacked)
             self._recv_window += self._recv_unacked
             self._recv_unacked = 0
-        if queued:
-            self.flush_soon()
 
-    def _window_update(self, stream_id: int, increment: int) -> bool:
+    def _window_update(self, stream_id: int, increment: int) -> None:
         self._take_h2_output()
         self._outbuf += _FRAME_HEAD.pack(4 << 8 | _FRAME_WINDOW_UPDATE, 0, stream_id)
         self._outbuf += increment.to_bytes(4, "big")
-        return True
+        self.flush_soon()
 
     def wait_for_window(self, stream: HboneStream) -> None:
         self._blocked_writers.add(stream)

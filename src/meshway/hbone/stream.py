@@ -117,25 +117,19 @@ class HboneStream:
         """Send all of `data`, waiting for flow-control window and transport buffer space."""
         view = memoryview(data).cast("B")
         while view:
-            self._check_writable()
-            window = self._session.sendable(self.stream_id)
-            if window <= 0:
+            sent = self.send_nowait(view[:WRITE_BURST])
+            if not sent:
                 self._session.wait_for_window(self)
                 await self._wait_writable()
                 continue
-            burst = min(window, WRITE_BURST)
-            self._session.send_data(self.stream_id, view[:burst])
-            view = view[burst:]
+            view = view[sent:]
             await self._session.drain()
 
     async def write_eof(self) -> None:
         """Half-close: send END_STREAM; the peer can still send until it half-closes too."""
         if self._local_ended:
             return
-        self._check_writable()
-        self._session.end_stream(self.stream_id)
-        self._local_ended = True
-        self._session.forget_if_closed(self)
+        self.write_eof_nowait()
         await self._session.drain()
 
     @property
