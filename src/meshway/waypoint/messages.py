@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,12 +62,14 @@ class Body:
     __slots__ = (
         "_buffered",
         "_chunks",
+        "_consumed",
         "_ended",
         "_error",
         "_reader",
         "_writer",
         "length",
         "limit",
+        "on_done",
         "trailers",
     )
 
@@ -82,6 +84,10 @@ class Body:
         self.trailers: Headers | None = None
         # The declared length (content-length), when known.
         self.length = length
+        self._consumed = 0
+        # Called once with the bytes read when the consumer reached the end, gave up or
+        # saw the producer fail: where telemetry learns that a message is over.
+        self.on_done: Callable[[int, bool], None] | None = None
 
     @classmethod
     def of(cls, data: bytes = b"", trailers: Headers | None = None) -> Body:
@@ -148,18 +154,39 @@ class Body:
         if self._error is None:
             self._error = BodyError("body discarded")
         _wake(self._writer)
+        self._done(False)
+
+    def _done(self, complete: bool) -> None:
+        callback = self.on_done
+        if callback is not None:
+            self.on_done = None
+            callback(self._consumed, complete)
+
+    def copy(self) -> Body | None:
+        """An independent copy of a body that has ended and of which nothing was read yet
+        (so it can be sent again), else None."""
+        if not self._ended or self._consumed or self._error is not None:
+            return None
+        return Body.of(b"".join(self._chunks), self.trailers)
+
+    @property
+    def consumed(self) -> int:
+        return self._consumed
 
     async def read(self) -> bytes:
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
                 self._buffered -= len(chunk)
+                self._consumed += len(chunk)
                 if self._buffered <= self.limit:
                     _wake(self._writer)
                 return chunk
             if self._error is not None:
+                self._done(False)
                 raise self._error
             if self._ended:
+                self._done(True)
                 return b""
             self._reader = asyncio.get_running_loop().create_future()
             try:
@@ -195,6 +222,8 @@ class Request:
     scheme: str = "http"
     # "HTTP/1.1" or "HTTP/2".
     protocol: str = "HTTP/1.1"
+    # The protocol an HTTP/1.1 `Upgrade` request asks for (e.g. "websocket"), else None.
+    upgrade: str | None = None
 
     def header(self, name: str) -> str | None:
         return header_value(self.headers, name)
@@ -205,6 +234,8 @@ class Response:
     status: int
     headers: Headers = field(default_factory=list)
     body: Body = field(default_factory=Body.of)
+    # After a 101 answer to an `Upgrade` request: the upstream's raw byte stream.
+    upgraded: ByteStream | None = None
 
     def header(self, name: str) -> str | None:
         return header_value(self.headers, name)
