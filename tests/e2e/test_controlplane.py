@@ -83,7 +83,8 @@ def test_apply_assigns_addresses_and_is_idempotent(cli: Cli) -> None:
 
     workloads = items(cli, "workloads", "-n", "shop")
     ips = [w["status"]["podIP"] for w in workloads]
-    assert len(set(ips)) == len(ips) == 4
+    # Four pods from the manifest and the waypoint the control plane deploys for its Gateway.
+    assert len(set(ips)) == len(ips) == 5
     for w in workloads:
         node_cidr = ipaddress.ip_network(nodes[w["spec"]["nodeName"]])
         assert ipaddress.ip_address(w["status"]["podIP"]) in node_cidr
@@ -331,6 +332,7 @@ async def test_xds_full_snapshot_then_only_the_change(cli: Cli, tmp_path: Path) 
             "shop/frontend",
             "shop/backend-v1",
             "shop/backend-v2",
+            "shop/waypoint",
         }
         assert "shop/backend.shop.svc.cluster.local" in addresses
         assert set(client.snapshot(AUTHORIZATION_TYPE)) == {"shop/backend-allow-frontend"}
@@ -441,7 +443,7 @@ def test_admin_endpoints(cli: Cli, controlplane: ControlPlaneProcess, tmp_path: 
         "meshway_certificates_issued_total 1.0",
         'meshway_certificates_refused_total{reason="not-on-node"} 1.0',
         'meshway_config_rejections_total{operation="apply"} 1.0',
-        'meshway_config_objects{kind="Workload"} 4.0',
+        'meshway_config_objects{kind="Workload"} 5.0',
         "process_resident_memory_bytes",
     ):
         assert name in metrics, name

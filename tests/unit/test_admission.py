@@ -9,7 +9,7 @@ import pytest
 
 from meshway.config.errors import ConfigError
 from meshway.config.loader import parse_sources_with_origins
-from meshway.config.model import Node, ObjectKey, Service, Workload
+from meshway.config.model import Gateway, GatewayStatus, Node, ObjectKey, Service, Workload
 from meshway.config.store import SqliteStore
 from meshway.controlplane.admission import Admission, ClusterNetwork
 
@@ -157,3 +157,85 @@ def test_cluster_network_validation() -> None:
         ClusterNetwork.parse("10.244.0.0/16", "10.96.0.0/16", node_prefix=8)
     net = ClusterNetwork.parse("10.244.0.0/16", "10.96.0.0/16")
     assert net.pod_cidr == ipaddress.ip_network("10.244.0.0/16")
+
+
+# -- status and objects the control plane manages ------------------------------------------------
+
+GATEWAY = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"""
+
+
+def managed(text: str) -> str:
+    """`text` with the annotation the waypoint controller puts on what it creates."""
+    return text.replace(
+        "metadata: {name: waypoint, namespace: shop}",
+        "metadata: {name: waypoint, namespace: shop, "
+        "annotations: {meshway.io/managed-by: Gateway/waypoint}}",
+    )
+
+
+def problems(adm: Admission, *docs: str) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as caught:
+        admit(adm, *docs)
+    return [(i.path, i.message) for i in caught.value.issues]
+
+
+def test_status_is_kept_from_the_store_not_taken_from_the_user(adm: Admission) -> None:
+    admit(adm, workload("a"), GATEWAY)
+    wl = get(adm, "Workload", "a")
+    gw = get(adm, "Gateway", "waypoint")
+    assert isinstance(wl, Workload) and isinstance(gw, Gateway)
+    # What the runtime and the controller write (outside admission) ...
+    running = wl.model_copy(update={"status": wl.status.model_copy(update={"phase": "Running"})})
+    status = GatewayStatus.model_validate({"addresses": [{"value": "10.96.0.2"}]})
+    adm.store.apply([running, gw.model_copy(update={"status": status})])
+    # ... survives a user's re-apply, which then changes nothing.
+    revision = adm.store.revision
+    admit(adm, workload("a") + "status: {phase: Failed}\n", GATEWAY)
+    assert adm.store.revision == revision
+    wl, gw = get(adm, "Workload", "a"), get(adm, "Gateway", "waypoint")
+    assert isinstance(wl, Workload) and wl.status.phase == "Running"
+    assert isinstance(gw, Gateway) and gw.status.addresses[0].value == "10.96.0.2"
+
+
+def test_managed_objects_change_only_through_their_gateway(adm: Admission) -> None:
+    admit(adm, GATEWAY)
+    objects, _ = parse_sources_with_origins([("c", managed(service("waypoint")))])
+    adm.apply(objects, controller=True)
+    svc_key = ObjectKey("Service", "shop", "waypoint")
+
+    assert problems(adm, service("waypoint")) == [
+        ("metadata", "managed by Gateway shop/waypoint: change or delete the Gateway instead")
+    ]
+    with pytest.raises(ConfigError, match="managed by Gateway shop/waypoint"):
+        adm.delete([svc_key])
+    # Deleting the Gateway takes what it owns with it, in the same transaction.
+    deleted = adm.delete([ObjectKey("Gateway", "shop", "waypoint")])
+    assert {o.key for o in deleted} == {ObjectKey("Gateway", "shop", "waypoint"), svc_key}
+
+
+def test_users_cannot_impersonate_the_controller(adm: Admission) -> None:
+    reserved = workload("w").replace(
+        "metadata: {name: w, namespace: shop}",
+        "metadata: {name: w, namespace: shop, labels: {meshway.io/proxy: waypoint}}",
+    )
+    found = problems(adm, reserved, managed(service("waypoint")))
+    assert ("metadata.labels[meshway.io/proxy]", found[0][1]) == found[0]
+    assert "reserved for the waypoints" in found[0][1]
+    assert found[1][0] == "metadata.annotations[meshway.io/managed-by]"
+
+
+def test_a_waypoint_and_a_users_object_cannot_share_a_name(adm: Admission) -> None:
+    admit(adm, service("waypoint"))
+    ((path, message),) = problems(adm, GATEWAY)
+    assert path == "metadata.name" and "Service shop/waypoint exists" in message
+    adm.delete([ObjectKey("Service", "shop", "waypoint")])
+    admit(adm, GATEWAY)
+    ((path, message),) = problems(adm, workload("waypoint"))
+    assert path == "metadata.name" and "waypoint of Gateway shop/waypoint" in message

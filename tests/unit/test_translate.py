@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from typing import Any
 
 import pytest
 
-from meshway.api.v1 import address_pb2, authorization_pb2
-from meshway.config.model import KINDS, Resource
+from meshway.api.v1 import address_pb2, authorization_pb2, route_pb2
+from meshway.config.model import KINDS, HTTPRoute, Resource
 from meshway.config.store import EventType, WatchEvent
 from meshway.controlplane.translate import MeshSettings, MeshTranslator
 from meshway.xds.server import Change
-from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE, check_route
 
 pytestmark = pytest.mark.unit
 
@@ -289,3 +290,188 @@ def test_selector_policies_in_the_root_namespace_select_across_the_mesh() -> Non
         "shop/backend-allow",
         "istio-system/backends-everywhere",
     ]
+
+
+# --------------------------------------------------------------------------- routes (waypoints)
+
+
+def http_route(name: str, weight: int = 90, created: str = "2026-01-01T00:00:00Z") -> Resource:
+    return obj(
+        "HTTPRoute",
+        name,
+        metadata={"creationTimestamp": created, "resourceVersion": "5"},
+        spec={
+            "parentRefs": [{"group": "", "kind": "Service", "name": "backend", "port": 80}],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                    "backendRefs": [
+                        {"name": "backend-v1", "port": 80, "weight": weight},
+                        {"name": "backend-v2", "port": 80, "weight": 100 - weight},
+                    ],
+                }
+            ],
+        },
+    )
+
+
+def grpc_route(name: str) -> Resource:
+    return obj(
+        "GRPCRoute",
+        name,
+        spec={
+            "parentRefs": [{"group": "", "kind": "Service", "name": "greeter"}],
+            "rules": [{"matches": [{"method": {"service": "shop.Greeter"}}]}],
+        },
+    )
+
+
+def decode_route(change: Change, name: str) -> route_pb2.Route:
+    msg = route_pb2.Route()
+    msg.ParseFromString(change.updated[name].proto.resource.value)
+    return msg
+
+
+def test_each_route_is_one_resource_with_its_json_and_age() -> None:
+    t = MeshTranslator(MeshSettings())
+    changes = by_type(t.full([*mesh(), http_route("split"), grpc_route("greet")], "1"))
+    routes = changes[ROUTE_TYPE]
+    assert set(routes.updated) == {"shop/HTTPRoute/split", "shop/GRPCRoute/greet"}
+    msg = decode_route(routes, "shop/HTTPRoute/split")
+    assert (msg.kind, msg.namespace, msg.name) == ("HTTPRoute", "shop", "split")
+    assert msg.creation_timestamp == "2026-01-01T00:00:00Z"
+    check_route("shop/HTTPRoute/split", msg)  # the waypoint's own check accepts it
+    data = json.loads(msg.resource_json)
+    # The same model reads it back: one schema for the control plane and the waypoint.
+    again = HTTPRoute.model_validate(data)
+    assert again.spec.rules[0].backend_refs[0].weight == 90
+    assert "resourceVersion" not in data["metadata"] and "status" not in data
+    grpc = decode_route(routes, "shop/GRPCRoute/greet")
+    assert json.loads(grpc.resource_json)["kind"] == "GRPCRoute"
+
+
+def test_a_route_change_pushes_that_route_only() -> None:
+    t = MeshTranslator(MeshSettings())
+    t.full([*mesh(), http_route("split"), http_route("other")], "1")
+    (change,) = t.apply([event(EventType.MODIFIED, http_route("split", weight=50), 2)], "2")
+    assert (change.type_url, set(change.updated), change.removed) == (
+        ROUTE_TYPE,
+        {"shop/HTTPRoute/split"},
+        set(),
+    )
+    data = json.loads(decode_route(change, "shop/HTTPRoute/split").resource_json)
+    assert [b["weight"] for b in data["spec"]["rules"][0]["backendRefs"]] == [50, 50]
+
+    # A new resource version or a status alone is not a change a waypoint needs.
+    bumped = HTTPRoute.model_validate(
+        {
+            **http_route("split", weight=50).to_dict(),
+            "status": {
+                "parents": [
+                    {
+                        "parentRef": {"group": "", "kind": "Service", "name": "backend"},
+                        "controllerName": "meshway.io/waypoint",
+                    }
+                ]
+            },
+        }
+    )
+    bumped.metadata.resource_version = "99"
+    assert t.apply([event(EventType.MODIFIED, bumped, 3)], "3") == []
+
+    (gone,) = t.apply([event(EventType.DELETED, http_route("other"), 4)], "4")
+    assert (gone.type_url, gone.updated, gone.removed) == (
+        ROUTE_TYPE,
+        {},
+        {"shop/HTTPRoute/other"},
+    )
+    # Other kinds of change do not touch routes.
+    moved = workload("frontend-1", {"app": "frontend", "x": "y"}, "10.244.0.2")
+    assert [c.type_url for c in t.apply([event(EventType.MODIFIED, moved, 5)], "5")] == [
+        ADDRESS_TYPE
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "error"),
+    [
+        ("shop/HTTPRoute/other", lambda m: None, "does not match route"),
+        ("shop/HTTPRoute/split", lambda m: setattr(m, "resource_json", "{"), "not JSON"),
+        ("shop/Gateway/split", lambda m: setattr(m, "kind", "Gateway"), "is not one of"),
+        (
+            "shop/GRPCRoute/split",
+            lambda m: setattr(m, "kind", "GRPCRoute"),
+            "does not describe GRPCRoute",
+        ),
+        (
+            "shop/HTTPRoute/split",
+            lambda m: setattr(
+                m, "resource_json", m.resource_json.replace('"PathPrefix"', '"Glob"')
+            ),
+            "Glob",
+        ),
+    ],
+)
+def test_check_route_rejects_what_the_waypoint_could_not_use(
+    name: str, mutate: Any, error: str
+) -> None:
+    t = MeshTranslator(MeshSettings())
+    msg = decode_route(
+        by_type(t.full([http_route("split")], "1"))[ROUTE_TYPE], "shop/HTTPRoute/split"
+    )
+    mutate(msg)
+    with pytest.raises(ValueError, match=error):
+        check_route(name, msg)
+
+
+def test_target_ref_policies_reach_waypoints() -> None:
+    t = MeshTranslator(MeshSettings())
+    policy = obj(
+        "AuthorizationPolicy",
+        "backend-l7",
+        spec={
+            "targetRefs": [{"kind": "Service", "group": "", "name": "backend"}],
+            "rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/api/*"]}}]}],
+        },
+    )
+    t.full(mesh(), "1")
+    changes = by_type(t.apply([event(EventType.ADDED, policy, 2)], "2"))
+    # Not attached to any workload by selector: only the policy itself is pushed.
+    assert set(changes) == {AUTHORIZATION_TYPE}
+    msg = authorization_pb2.Authorization()
+    msg.ParseFromString(changes[AUTHORIZATION_TYPE].updated["shop/backend-l7"].proto.resource.value)
+    assert msg.scope == authorization_pb2.TARGET_REF
+    assert [(r.kind, r.name, r.namespace) for r in msg.target_refs] == [
+        ("Service", "backend", "shop")
+    ]
+    assert list(msg.rules[0].to[0].methods) == ["GET"]
+
+
+def test_a_waypoint_does_not_route_through_itself() -> None:
+    t = MeshTranslator(MeshSettings())
+    objs = [o for o in mesh() if o.KIND != "Namespace" or o.metadata.name != "shop"]
+    labels = {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}
+    objs.append(obj("Namespace", "shop", None, metadata={"labels": labels}))
+    objs.append(
+        obj(
+            "Gateway",
+            "waypoint",
+            metadata={"labels": {"istio.io/waypoint-for": "all"}},
+            spec={
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        )
+    )
+    own = {"gateway.networking.k8s.io/gateway-name": "waypoint"}
+    objs.append(service("waypoint", own, "10.96.0.99", **own))
+    objs.append(workload("waypoint", {**own, "istio.io/dataplane-mode": "none"}, "10.244.0.9"))
+    changes = by_type(t.full(objs, "1"))[ADDRESS_TYPE]
+    backend = decode_address(changes, "shop/backend.shop.svc.cluster.local").service
+    assert backend.waypoint.service == "shop/waypoint.shop.svc.cluster.local"
+    assert decode_address(changes, "shop/backend-1").workload.HasField("waypoint")  # for: all
+    assert not decode_address(changes, "shop/waypoint.shop.svc.cluster.local").service.HasField(
+        "waypoint"
+    )
+    own_wl = decode_address(changes, "shop/waypoint").workload
+    assert not own_wl.HasField("waypoint") and own_wl.tunnel_protocol == address_pb2.NONE

@@ -111,6 +111,16 @@ class ControlPlaneClient:
         params = {k: v for k, v in (("kind", kind), ("namespace", namespace), ("name", name)) if v}
         return self.request("GET", "/api/v1/objects", params=params)
 
+    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """One object, or None if there is none of that name."""
+        try:
+            items = self.list(kind, namespace, name)["items"]
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return items[0] if items else None
+
     def endpoints(self, namespace: str | None = None, name: str | None = None) -> dict[str, Any]:
         params = {k: v for k, v in (("namespace", namespace), ("name", name)) if v}
         return self.request("GET", "/api/v1/endpoints", params=params)

@@ -36,9 +36,14 @@ cert_app = typer.Typer(help="Workload certificates.", no_args_is_help=True)
 cluster_app = typer.Typer(
     help="The local runtime: a mesh in network namespaces.", no_args_is_help=True
 )
+waypoint_app = typer.Typer(
+    help="Waypoints: the L7 proxies of a namespace (as `istioctl waypoint`).",
+    no_args_is_help=True,
+)
 app.add_typer(node_app, name="node")
 app.add_typer(cert_app, name="cert")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(waypoint_app, name="waypoint")
 
 # Tables keep their columns when piped (rich would otherwise squeeze them to 80).
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -189,8 +194,17 @@ def _columns(kind: str, obj: dict[str, Any]) -> dict[str, str]:
         )
         return {"ACTION": spec.get("action", "ALLOW"), "APPLIES TO": target}
     if kind == "Gateway":
-        return {"CLASS": spec.get("gatewayClassName", "")}
+        return {
+            "CLASS": spec.get("gatewayClassName", ""),
+            "ADDRESS": ",".join(a["value"] for a in status.get("addresses", [])) or "<pending>",
+            "PROGRAMMED": _condition(obj, "Programmed").get("status", "Unknown"),
+        }
     return {}
+
+
+def _condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    conditions = (obj.get("status") or {}).get("conditions", [])
+    return next((c for c in conditions if c.get("type") == ctype), {})
 
 
 def _print_table(items: list[dict[str, Any]], show_kind: bool) -> None:
@@ -465,6 +479,277 @@ def cert_request(
     (out_dir / "cert-chain.pem").write_text("".join(cert.cert_chain_pem))
     (out_dir / "root-cert.pem").write_text("".join(cert.trust_bundle_pem))
     out.print(f"certificate for {spiffe.uri} written to {out_dir}/{{key,cert-chain,root-cert}}.pem")
+
+
+# -- waypoints ---------------------------------------------------------------------------------
+
+WAYPOINT_FOR = ("service", "workload", "all", "none")
+NamespaceOpt = Annotated[str, typer.Option("-n", "--namespace", help="Namespace.")]
+WaypointNameOpt = Annotated[str, typer.Option("--name", help="Waypoint (Gateway) name.")]
+ForOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--for",
+        help="Traffic the waypoint handles: service, workload, all or none (default: service).",
+        show_default=False,
+    ),
+]
+
+
+def _waypoint_gateway(
+    namespace: str, name: str, traffic: str | None, existing: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The Gateway `istioctl waypoint generate` writes; labels and annotations of an existing
+    Gateway of that name are kept, and `--for` only sets the label when given."""
+    from meshway.config.labels import LABEL_WAYPOINT_FOR
+    from meshway.config.model import dns_label_error
+
+    if name == "none":
+        _fail("'none' is reserved (istio.io/use-waypoint: none opts out): choose another name", 2)
+    if error := dns_label_error(name):
+        _fail(f"invalid waypoint name {name!r}: {error}", 2)
+    if traffic is not None and traffic not in WAYPOINT_FOR:
+        _fail(f"invalid --for {traffic!r}: use one of {', '.join(WAYPOINT_FOR)}", 2)
+    old_meta = (existing or {}).get("metadata", {})
+    labels = dict(old_meta.get("labels") or {})
+    if traffic is not None:
+        labels[LABEL_WAYPOINT_FOR] = traffic
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    if labels:
+        metadata["labels"] = labels
+    if old_meta.get("annotations"):
+        metadata["annotations"] = old_meta["annotations"]
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": metadata,
+        "spec": {
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }
+
+
+def _namespace_or_fail(client: ControlPlaneClient, namespace: str) -> dict[str, Any]:
+    found = _call(client.get, "Namespace", None, namespace)
+    if not found:
+        _fail(f"namespace '{namespace}' not found", 1)
+    return found
+
+
+def _relabel_namespace(
+    client: ControlPlaneClient, namespace: dict[str, Any], key: str, value: str | None
+) -> None:
+    """Set (or with None remove) one label of a Namespace, keeping the rest of it."""
+    meta = namespace["metadata"]
+    labels = dict(meta.get("labels") or {})
+    if value is None:
+        labels.pop(key, None)
+    else:
+        labels[key] = value
+    updated = {**namespace, "metadata": {**meta, "labels": labels}}
+    updated.pop("status", None)
+    _call(client.apply, [(f"<namespace {meta['name']}>", yaml.safe_dump(updated))])
+
+
+@waypoint_app.command("generate")
+def waypoint_generate(
+    namespace: NamespaceOpt = "default",
+    name: WaypointNameOpt = "waypoint",
+    traffic: ForOpt = None,
+) -> None:
+    """Print the Gateway that `waypoint apply` would apply, as YAML."""
+    gateway = _waypoint_gateway(namespace, name, traffic, None)
+    out.print(yaml.safe_dump(gateway, sort_keys=False).rstrip(), markup=False)
+
+
+@waypoint_app.command("apply")
+def waypoint_apply(
+    namespace: NamespaceOpt = "default",
+    name: WaypointNameOpt = "waypoint",
+    traffic: ForOpt = None,
+    enroll_namespace: Annotated[
+        bool,
+        typer.Option(
+            "--enroll-namespace", help="Also label the namespace istio.io/use-waypoint=NAME."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Let --enroll-namespace replace another waypoint."),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Wait until the waypoint is Programmed.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 90.0,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Deploy a waypoint for a namespace: a Gateway of class istio-waypoint, from which the
+    control plane runs the waypoint's Workload and Service."""
+    from meshway.config.labels import LABEL_DATAPLANE_MODE, LABEL_USE_WAYPOINT
+
+    client = ControlPlaneClient(server, token)
+    ns_obj = _namespace_or_fail(client, namespace)
+    if enroll_namespace:
+        ns_labels = ns_obj["metadata"].get("labels") or {}
+        current = ns_labels.get(LABEL_USE_WAYPOINT)
+        if current and current != name and not overwrite:
+            _fail(
+                f"namespace '{namespace}' already uses waypoint '{current}'; add --overwrite "
+                f"to switch it to '{name}'"
+            )
+        if ns_labels.get(LABEL_DATAPLANE_MODE) != "ambient":
+            err.print(
+                f"warning: namespace '{namespace}' is not in the mesh; consider `meshway apply` "
+                f"with the label {LABEL_DATAPLANE_MODE}: ambient",
+                markup=False,
+            )
+    existing = _call(client.get, "Gateway", namespace, name)
+    gateway = _waypoint_gateway(namespace, name, traffic, existing)
+    result = _call(client.apply, [("<waypoint apply>", yaml.safe_dump(gateway))])
+    outcome = result["results"][0]["outcome"]
+    out.print(f"waypoint {namespace}/{name} {'applied' if outcome != 'unchanged' else outcome}")
+    if wait:
+        _wait_programmed(client, namespace, name, timeout)
+        out.print(f"waypoint {namespace}/{name} is ready")
+    if enroll_namespace:
+        _relabel_namespace(client, _namespace_or_fail(client, namespace), LABEL_USE_WAYPOINT, name)
+        out.print(f'namespace {namespace} labeled with "{LABEL_USE_WAYPOINT}: {name}"')
+
+
+def _wait_programmed(client: ControlPlaneClient, namespace: str, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        gateway = _call(client.get, "Gateway", namespace, name)
+        condition = _condition(gateway or {}, "Programmed")
+        if condition.get("status") == "True":
+            return
+        if time.monotonic() > deadline:
+            detail = condition.get("message") or "no status yet"
+            _fail(f"waypoint {namespace}/{name} not ready after {timeout:.0f}s: {detail}")
+        time.sleep(0.2)
+
+
+def _waypoint_rows(client: ControlPlaneClient, namespace: str | None) -> list[dict[str, str]]:
+    from meshway.config.labels import (
+        ANNOTATION_MANAGED_BY,
+        LABEL_WAYPOINT_FOR,
+        WAYPOINT_GATEWAY_CLASSES,
+    )
+
+    gateways = [
+        g
+        for g in _call(client.list, "Gateway", namespace)["items"]
+        if g["spec"].get("gatewayClassName") in WAYPOINT_GATEWAY_CLASSES
+    ]
+    nodes = {
+        (w["metadata"]["namespace"], w["metadata"]["name"]): w["spec"]["nodeName"]
+        for w in _call(client.list, "Workload", namespace)["items"]
+        if (w["metadata"].get("annotations") or {}).get(ANNOTATION_MANAGED_BY)
+        == f"Gateway/{w['metadata']['name']}"
+    }
+    rows = []
+    for g in gateways:
+        meta = g["metadata"]
+        programmed = _condition(g, "Programmed")
+        state = programmed.get("status", "Unknown")
+        if state == "False" and programmed.get("reason"):
+            state = f"False ({programmed['reason']})"
+        rows.append(
+            {
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "for": (meta.get("labels") or {}).get(LABEL_WAYPOINT_FOR, "service"),
+                "address": ",".join(
+                    a["value"] for a in (g.get("status") or {}).get("addresses", [])
+                )
+                or "<pending>",
+                "node": nodes.get((meta["namespace"], meta["name"]), "<none>"),
+                "programmed": state,
+                "message": programmed.get("message", ""),
+            }
+        )
+    return rows
+
+
+@waypoint_app.command("list")
+def waypoint_list(
+    namespace: NamespaceOpt = "default",
+    all_namespaces: Annotated[bool, typer.Option("-A", "--all-namespaces")] = False,
+    output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """The waypoints of a namespace (or of all, with -A): traffic, address, node, status."""
+    if output not in ("table", "json"):
+        _fail(f"unknown output format '{output}' (table, json)", 2)
+    rows = _waypoint_rows(ControlPlaneClient(server, token), None if all_namespaces else namespace)
+    if output == "json":
+        out.print_json(json.dumps({"items": rows}))
+        return
+    if not rows:
+        err.print("No waypoints found.")
+        return
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    columns = ("namespace", "name", "for", "address", "node", "programmed")
+    for column in columns:
+        table.add_column(column.upper(), no_wrap=True)
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
+    out.print(table)
+
+
+@waypoint_app.command("delete")
+def waypoint_delete(
+    names: Annotated[list[str] | None, typer.Argument(help="Waypoint names.")] = None,
+    namespace: NamespaceOpt = "default",
+    name: Annotated[
+        str | None, typer.Option("--name", help="Waypoint name (default: waypoint).")
+    ] = None,
+    delete_all: Annotated[
+        bool, typer.Option("--all", help="Every waypoint of the namespace.")
+    ] = False,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete waypoints (their Workload and Service go with them), and the namespace's
+    istio.io/use-waypoint label when it names one of them."""
+    from meshway.config.labels import LABEL_USE_WAYPOINT
+
+    client = ControlPlaneClient(server, token)
+    wanted = [*(names or []), *([name] if name else [])]
+    if delete_all and wanted:
+        _fail("give waypoint names or --all, not both", 2)
+    if delete_all:
+        wanted = [r["name"] for r in _waypoint_rows(client, namespace)]
+        if not wanted:
+            err.print(f"No waypoints found in namespace '{namespace}'.")
+            return
+    wanted = list(dict.fromkeys(wanted or ["waypoint"]))
+    known = {r["name"] for r in _waypoint_rows(client, namespace)}
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        shown = ", ".join(missing)
+        _fail(f"no waypoint {shown} in namespace '{namespace}' (see `meshway waypoint list`)")
+    keys = [{"kind": "Gateway", "namespace": namespace, "name": n} for n in wanted]
+    _call(client.delete_keys, keys)
+    for n in wanted:
+        out.print(f"waypoint {namespace}/{n} deleted")
+    ns_obj = _namespace_or_fail(client, namespace)
+    current = (ns_obj["metadata"].get("labels") or {}).get(LABEL_USE_WAYPOINT)
+    if current in wanted:
+        _relabel_namespace(client, ns_obj, LABEL_USE_WAYPOINT, None)
+        out.print(f'namespace {namespace}: label "{LABEL_USE_WAYPOINT}" removed')
+    for kind in ("Service", "Workload"):
+        for obj in _call(client.list, kind, namespace)["items"]:
+            used = (obj["metadata"].get("labels") or {}).get(LABEL_USE_WAYPOINT)
+            if used in wanted:
+                err.print(
+                    f"warning: {kind.lower()}/{namespace}/{obj['metadata']['name']} still has "
+                    f"{LABEL_USE_WAYPOINT}: {used}, a waypoint that no longer exists",
+                    markup=False,
+                )
 
 
 @app.command()

@@ -15,3 +15,13 @@ WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
 # mode, for hybrid deployments) and the node proxy leaves it alone.
 LABEL_PROXY_MODE = "meshway.io/proxy"
 PROXY_MODE_SIDECAR = "sidecar"
+# Pods of a waypoint the control plane deploys from a Gateway: the runtime hands them their
+# node's credential (MESHWAY_CREDENTIALS), as it does to sidecars. Only the control plane may
+# set it (admission refuses it from users).
+PROXY_MODE_WAYPOINT = "waypoint"
+# Gateway API's label on the pods and Service of a deployed Gateway; the Service selects on it.
+LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
+# On objects the control plane creates for a Gateway: "Gateway/<name>" in the same namespace.
+# Such objects are changed and deleted only with their Gateway.
+ANNOTATION_MANAGED_BY = "meshway.io/managed-by"
+WAYPOINT_GATEWAY_CLASSES = ("istio-waypoint", "meshway-waypoint")

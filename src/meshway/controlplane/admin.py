@@ -78,6 +78,7 @@ class AdminServer:
         r.add_get("/api/v1/watch", self.watch)
         r.add_get("/api/v1/endpoints", self.endpoints)
         r.add_post("/api/v1/nodes/{name}/join", self.join)
+        r.add_post("/api/v1/workloads/status", self.workload_status)
         r.add_get("/api/v1/proxies", self.syncz)
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task[Any]] = set()
@@ -330,6 +331,19 @@ class AdminServer:
         finally:
             self._streams.discard(task)
         return response
+
+    async def workload_status(self, request: web.Request) -> web.Response:
+        """The runtime's report of pod phases: {"items": [{namespace, name, phase}]}."""
+        try:
+            body = await request.json()
+            phases = {
+                ObjectKey(Workload.KIND, str(i["namespace"]), str(i["name"])): str(i["phase"])
+                for i in body["items"]
+            }
+            updated = self.cp.report_workload_phases(phases)
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"expected {{'items': [{{'namespace', 'name', 'phase'}}]}}: {exc}")
+        return _json({"revision": self.cp.store.revision, "updated": len(updated)})
 
     async def join(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

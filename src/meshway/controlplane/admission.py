@@ -3,6 +3,12 @@
 Cross-object checks (references, immutable fields, deletions that would orphan objects) and the
 assignments a cluster makes: a pod CIDR per Node, a stable IP per Workload from its node's CIDR,
 a virtual IP per Service from the service CIDR. The batch is admitted whole or not at all.
+
+Status is not taken from the batch: like a Kubernetes status subresource, a Workload's phase
+(the runtime reports it) and a Gateway's status (the waypoint controller writes it) are kept
+from the stored object, so that re-applying a manifest does not reset them. Objects the control
+plane creates for a Gateway (annotated `meshway.io/managed-by`) change only through their
+Gateway: a user's apply or delete of one is refused, and deleting the Gateway deletes them.
 """
 
 from __future__ import annotations
@@ -12,9 +18,25 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshway.config.errors import ConfigError, ConfigIssue
-from meshway.config.model import Node, ObjectKey, Resource, Service, Workload
+from meshway.config.labels import ANNOTATION_MANAGED_BY, LABEL_PROXY_MODE, PROXY_MODE_WAYPOINT
+from meshway.config.model import (
+    Gateway,
+    GatewayStatus,
+    Node,
+    ObjectKey,
+    Resource,
+    Service,
+    Workload,
+)
 from meshway.config.references import check_deletions, check_references, check_update
 from meshway.config.store import ApplyResult, SqliteStore
+from meshway.controlplane.waypoints import (
+    EXCLUSIVE_KINDS,
+    conflict_message,
+    is_waypoint,
+    owned_keys,
+    owner_of,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -89,26 +111,105 @@ class Admission:
             store.put_setting("network", network.describe())
 
     def apply(
-        self, batch: Sequence[Resource], sources: Sources | None = None, *, dry_run: bool = False
+        self,
+        batch: Sequence[Resource],
+        sources: Sources | None = None,
+        *,
+        dry_run: bool = False,
+        controller: bool = False,
     ) -> list[ApplyResult]:
+        """Admit `batch`. `controller` marks the control plane's own writes (the waypoint
+        controller's), which may create and change the objects it manages."""
         sources = sources or {}
         issues = check_references(batch, self.store.get, sources)
         for obj in batch:
             old = self.store.get(obj.key)
             if old is not None:
                 issues.extend(check_update(old, obj))
+        if not controller:
+            issues.extend(self._check_ownership(batch, sources))
         if issues:
             raise ConfigError(issues)
         admitted = self._assign(batch, sources)
         return self.store.apply(admitted, dry_run=dry_run)
 
-    def delete(self, keys: Sequence[ObjectKey]) -> list[Resource]:
-        doomed = set(keys)
+    def delete(self, keys: Sequence[ObjectKey], *, controller: bool = False) -> list[Resource]:
+        """Delete `keys` and, with a waypoint Gateway, the objects made for it (in the same
+        transaction, so that deleting a namespace with everything in it works in one go)."""
+        doomed = dict.fromkeys(keys)
+        issues: list[ConfigIssue] = []
+        if not controller:
+            for key in keys:
+                if key.kind == Gateway.KIND:
+                    for okey in owned_keys(key):
+                        obj = self.store.get(okey)
+                        if obj is not None and owner_of(obj) == key:
+                            doomed[okey] = None
+            for key in keys:
+                obj = self.store.get(key)
+                owner = owner_of(obj) if obj is not None else None
+                if owner is not None and owner not in doomed:
+                    issues.append(ConfigIssue("", None, str(key), "", _managed_message(owner)))
         remaining = (obj for key, obj in self._items() if key not in doomed)
-        issues = check_deletions(list(keys), remaining)
+        issues += check_deletions(list(doomed), remaining)
         if issues:
             raise ConfigError(issues)
-        return self.store.delete(keys)
+        return self.store.delete(list(doomed))
+
+    def _check_ownership(self, batch: Sequence[Resource], sources: Sources) -> list[ConfigIssue]:
+        """A user may not change what the control plane manages, claim to be the control plane,
+        or take the name of a waypoint's Workload or Service."""
+        issues: list[ConfigIssue] = []
+        gateways = {o.key: o for o in batch if isinstance(o, Gateway)}
+
+        def issue(obj: Resource, path: str, message: str) -> None:
+            source, doc = sources.get(obj.key, ("", 0))
+            issues.append(
+                ConfigIssue(source or "<request>", doc or None, obj.object_ref, path, message)
+            )
+
+        for obj in batch:
+            ns, name = obj.key.namespace, obj.metadata.name
+            old = self.store.get(obj.key)
+            owner = owner_of(old) if old is not None else None
+            if owner is not None:
+                issue(obj, "metadata", _managed_message(owner))
+                continue
+            if ANNOTATION_MANAGED_BY in obj.metadata.annotations:
+                issue(
+                    obj,
+                    f"metadata.annotations[{ANNOTATION_MANAGED_BY}]",
+                    "is set by the control plane on the objects it creates for a Gateway; "
+                    "remove it",
+                )
+            if (
+                isinstance(obj, Workload)
+                and obj.metadata.labels.get(LABEL_PROXY_MODE) == PROXY_MODE_WAYPOINT
+            ):
+                issue(
+                    obj,
+                    f"metadata.labels[{LABEL_PROXY_MODE}]",
+                    f"'{PROXY_MODE_WAYPOINT}' is reserved for the waypoints the control plane "
+                    "deploys (it gives the pod its node's credential): apply a Gateway of "
+                    "class istio-waypoint instead",
+                )
+            if isinstance(obj, Gateway) and is_waypoint(obj):
+                in_batch = {o.key: o for o in batch if o.KIND in EXCLUSIVE_KINDS}
+                for kind in EXCLUSIVE_KINDS:
+                    okey = ObjectKey(kind, ns, name)
+                    other = in_batch.get(okey) or self.store.get(okey)
+                    if other is not None and owner_of(other) != obj.key:
+                        issue(obj, "metadata.name", conflict_message(kind, obj.key))
+            elif obj.KIND in EXCLUSIVE_KINDS and old is None:
+                gateway_key = ObjectKey(Gateway.KIND, ns, name)
+                if gateway_key not in gateways and is_waypoint(self.store.get(gateway_key)):
+                    issue(
+                        obj,
+                        "metadata.name",
+                        f"'{name}' is the name of the waypoint of Gateway {ns}/{name}; "
+                        "choose another name",
+                    )
+        return issues
 
     def _items(self) -> Iterator[tuple[ObjectKey, Resource]]:
         for obj in self.store.list():
@@ -151,6 +252,9 @@ class Admission:
                     obj = self._assign_workload(obj, old, node_cidrs, used_pod_ips, pools)
                 elif isinstance(obj, Service):
                     obj = self._assign_service(obj, old, used_vips, service_pool)
+                elif isinstance(obj, Gateway):
+                    status = old.status if isinstance(old, Gateway) else GatewayStatus()
+                    obj = obj.model_copy(update={"status": status})
             except _AssignError as exc:
                 source, doc = sources.get(obj.key, ("", 0))
                 issues.append(
@@ -210,7 +314,7 @@ class Admission:
                 raise _AssignError(
                     "status.podIP", f"node '{workload.spec.node_name}' has no free pod IP in {cidr}"
                 )
-        phase = workload.status.phase or "Pending"
+        phase = (old.status.phase if isinstance(old, Workload) else None) or "Pending"
         status = workload.status.model_copy(update={"pod_ip": ip, "phase": phase})
         return workload.model_copy(update={"status": status})
 
@@ -248,6 +352,12 @@ class Admission:
         used[wanted] = service.key
         spec = service.spec.model_copy(update={"cluster_ip": wanted})
         return service.model_copy(update={"spec": spec})
+
+
+def _managed_message(owner: ObjectKey) -> str:
+    return (
+        f"managed by Gateway {owner.namespace}/{owner.name}: change or delete the Gateway instead"
+    )
 
 
 class _AssignError(Exception):

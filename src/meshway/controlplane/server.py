@@ -1,4 +1,5 @@
-"""`meshway controlplane`: the store, the CA, the xDS push and the admin API in one process."""
+"""`meshway controlplane`: the store, the CA, the xDS push, the waypoint controller and the admin
+API in one process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,21 +27,29 @@ from meshway.api.v1 import ca_pb2, ca_pb2_grpc
 from meshway.config.errors import ConfigError
 from meshway.config.loader import parse_sources_with_origins
 from meshway.config.model import ObjectKey, Resource, Workload
-from meshway.config.store import ApplyResult, ResourceVersionTooOld, SqliteStore, WatchEvent
+from meshway.config.store import (
+    ApplyOutcome,
+    ApplyResult,
+    ResourceVersionTooOld,
+    SqliteStore,
+    WatchEvent,
+)
 from meshway.controlplane.admission import Admission, ClusterNetwork
 from meshway.controlplane.nodes import CredentialError, NodeCredentials
 from meshway.controlplane.translate import MeshSettings, MeshTranslator
+from meshway.controlplane.waypoints import WaypointController
 from meshway.identity.ca import CertificateAuthority, CsrRejected
 from meshway.identity.spiffe import SpiffeId
 from meshway.telemetry.metrics import CONTROLPLANE
 from meshway.xds.client import GRPC_OPTIONS
 from meshway.xds.server import AggregatedDiscoveryService, Change, ResourceCache
-from meshway.xds.types import NODE_PROXY_TYPE_URLS
+from meshway.xds.types import ALL_TYPE_URLS
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SERVING_NAME = "meshway-controlplane"
+WORKLOAD_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Unknown")
 
 
 @dataclass
@@ -122,6 +131,9 @@ class ControlPlane:
         self.store = SqliteStore(state / "store.db")
         network = ClusterNetwork.parse(config.pod_cidr, config.service_cidr, config.node_prefix)
         self.admission = Admission(self.store, network)
+        self.waypoints = WaypointController(
+            self.store, self.admission, cluster_domain=config.cluster_domain
+        )
         self.ca = CertificateAuthority.load_or_create(
             state, config.trust_domain, config.cacerts_dir, config.extra_roots
         )
@@ -131,7 +143,7 @@ class ControlPlane:
             config.trust_domain, config.cluster_domain, config.root_namespace
         )
         self.translator = MeshTranslator(self.settings)
-        self.cache = ResourceCache(NODE_PROXY_TYPE_URLS)
+        self.cache = ResourceCache(ALL_TYPE_URLS)
         self.ads = AggregatedDiscoveryService(self.cache, self._authenticate)
         self._identities_revision = -1
         self._identities: dict[str, set[tuple[str, str]]] = {}
@@ -160,6 +172,10 @@ class ControlPlane:
             raise
         if not dry_run:
             CONTROLPLANE.config_applies.labels(operation="apply").inc()
+            # The watch would get there too; doing it now means that when `apply` returns, a
+            # waypoint Gateway's Workload and Service exist (read-your-writes for the user).
+            changed = [r.object for r in results if r.outcome is not ApplyOutcome.UNCHANGED]
+            self.waypoints.sync(self.waypoints.affected(changed))
         return results
 
     def delete(self, keys: Sequence[ObjectKey]) -> list[Resource]:
@@ -172,7 +188,26 @@ class ControlPlane:
         for obj in deleted:
             if obj.KIND == "Node":
                 self.credentials.revoke(obj.metadata.name)
+        self.waypoints.sync(self.waypoints.affected(deleted))
         return deleted
+
+    def report_workload_phases(self, phases: Mapping[ObjectKey, str]) -> list[ObjectKey]:
+        """Record the phases the runtime observed (kubelet's pod status); returns the workloads
+        whose phase changed. Unknown workloads are skipped: one may have just been deleted."""
+        for key, phase in phases.items():
+            if phase not in WORKLOAD_PHASES:
+                raise ValueError(
+                    f"phase {phase!r} of {key} is not one of {', '.join(WORKLOAD_PHASES)}"
+                )
+        updated = []
+        for key, phase in phases.items():
+            wl = self.store.get(key)
+            if isinstance(wl, Workload) and wl.status.phase != phase:
+                status = wl.status.model_copy(update={"phase": phase})
+                updated.append(wl.model_copy(update={"status": status}))
+        self.store.apply(updated)
+        self.waypoints.sync(self.waypoints.affected(updated))
+        return [wl.key for wl in updated]
 
     def join_node(self, name: str) -> str:
         """Create the Node if needed and issue it a fresh credential."""
@@ -305,7 +340,7 @@ class ControlPlane:
         revision = self.store.revision
         self.translator = MeshTranslator(self.settings)
         changes = self.translator.full(self.store.list(), str(revision))
-        for type_url in NODE_PROXY_TYPE_URLS:
+        for type_url in ALL_TYPE_URLS:
             fresh = next((c for c in changes if c.type_url == type_url), None)
             keep = set(fresh.updated) if fresh else set()
             gone = set(self.cache.resources[type_url]) - keep
@@ -349,12 +384,14 @@ class ControlPlane:
         try:
             async with asyncio.TaskGroup() as tg:
                 push = tg.create_task(self._push_loop())
+                waypoints = tg.create_task(self.waypoints.run(), name="waypoint-controller")
                 await self.cache.ready.wait()
                 self.serving.set()
                 if on_ready is not None:
                     on_ready(self)
                 await stop.wait()
                 push.cancel()
+                waypoints.cancel()
         finally:
             log.info("control plane stopping")
             await admin.stop()

@@ -1,26 +1,35 @@
-"""From configuration objects to the xDS resources a node proxy reads.
+"""From configuration objects to the xDS resources the node proxies and waypoints read.
 
 `MeshTranslator` keeps indexes of the objects by namespace and, for a batch of store events,
 recomputes only the resources the batch can affect: a Workload change recomputes that workload;
 a Service change recomputes the service and the workloads its old and new selectors match; a
 policy change recomputes the policy and the workloads it selects; a Namespace or waypoint
-Gateway change recomputes its namespace. Unchanged output (same bytes) is not pushed.
+Gateway change recomputes its namespace; a route change recomputes that route. Unchanged output
+(same bytes) is not pushed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshway.api.v1 import address_pb2, authorization_pb2
-from meshway.config.labels import LABEL_DATAPLANE_MODE, LABEL_USE_WAYPOINT, LABEL_WAYPOINT_FOR
+from meshway.api.v1 import address_pb2, authorization_pb2, route_pb2
+from meshway.config.labels import (
+    LABEL_DATAPLANE_MODE,
+    LABEL_GATEWAY_NAME,
+    LABEL_USE_WAYPOINT,
+    LABEL_WAYPOINT_FOR,
+)
 from meshway.config.model import (
     AuthorizationPolicy,
     Gateway,
+    GRPCRoute,
+    HTTPRoute,
     Namespace,
     ObjectKey,
     PeerAuthentication,
@@ -31,7 +40,14 @@ from meshway.config.model import (
 from meshway.config.selection import selects, target_port
 from meshway.config.store import EventType, WatchEvent
 from meshway.xds.server import CachedResource, Change
-from meshway.xds.types import ADDRESS_TYPE, AUTHORIZATION_TYPE, NODE_PROXY_TYPE_URLS
+from meshway.xds.types import (
+    ADDRESS_TYPE,
+    ALL_TYPE_URLS,
+    AUTHORIZATION_TYPE,
+    ROUTE_KINDS,
+    ROUTE_TYPE,
+    route_resource_name,
+)
 
 HBONE_PORT = 15008
 
@@ -58,7 +74,14 @@ def _ip_bytes(ip: str) -> bytes:
     return ipaddress.ip_address(ip).packed
 
 
-_INDEXED_KINDS = ("Workload", "Service", "AuthorizationPolicy", "Gateway", "PeerAuthentication")
+_INDEXED_KINDS = (
+    "Workload",
+    "Service",
+    "AuthorizationPolicy",
+    "Gateway",
+    "PeerAuthentication",
+    *ROUTE_KINDS,
+)
 _MTLS_MODES = {
     "PERMISSIVE": address_pb2.MTLS_PERMISSIVE,
     "STRICT": address_pb2.MTLS_STRICT,
@@ -92,13 +115,17 @@ class _Namespaced:
     def peer_authentications(self) -> dict[str, PeerAuthentication]:
         return self.tables["PeerAuthentication"]
 
+    def route(self, kind: str, name: str) -> HTTPRoute | GRPCRoute | None:
+        table = self.tables.get(kind)
+        return table.get(name) if table is not None else None
+
 
 class MeshTranslator:
     def __init__(self, settings: MeshSettings) -> None:
         self.settings = settings
         self._ns: dict[str, _Namespaced] = defaultdict(_Namespaced)
         self._namespaces: dict[str, Namespace] = {}
-        self._current: dict[str, dict[str, CachedResource]] = {t: {} for t in NODE_PROXY_TYPE_URLS}
+        self._current: dict[str, dict[str, CachedResource]] = {t: {} for t in ALL_TYPE_URLS}
 
     # -- input -------------------------------------------------------------------------------
 
@@ -106,16 +133,18 @@ class MeshTranslator:
         """Build everything from a list of objects (start-up)."""
         for obj in objects:
             self._index(obj, deleted=False)
-        dirty: dict[str, set[str]] = {t: set() for t in NODE_PROXY_TYPE_URLS}
+        dirty: dict[str, set[str]] = {t: set() for t in ALL_TYPE_URLS}
         for ns, bucket in self._ns.items():
             dirty[ADDRESS_TYPE] |= {f"{ns}/{n}" for n in bucket.workloads}
             dirty[ADDRESS_TYPE] |= {self._service_name(s) for s in bucket.services.values()}
             dirty[AUTHORIZATION_TYPE] |= {f"{ns}/{n}" for n in bucket.policies}
+            for kind in ROUTE_KINDS:
+                dirty[ROUTE_TYPE] |= {route_resource_name(ns, kind, n) for n in bucket.tables[kind]}
         return self._recompute(dirty, version)
 
     def apply(self, events: Iterable[WatchEvent], version: str) -> list[Change]:
         """Apply store events and return the resulting resource changes."""
-        dirty: dict[str, set[str]] = {t: set() for t in NODE_PROXY_TYPE_URLS}
+        dirty: dict[str, set[str]] = {t: set() for t in ALL_TYPE_URLS}
         for event in events:
             obj = event.object
             old = self._lookup(obj.key)
@@ -173,6 +202,8 @@ class MeshTranslator:
             )
             for namespace in list(self._ns) if mesh_wide else [ns]:
                 self._mark_namespace(namespace, dirty)
+        elif isinstance(obj, (HTTPRoute, GRPCRoute)):
+            dirty[ROUTE_TYPE].add(route_resource_name(ns, obj.KIND, obj.metadata.name))
         elif isinstance(obj, (Namespace, Gateway)):
             self._mark_namespace(obj.metadata.name if isinstance(obj, Namespace) else ns, dirty)
 
@@ -211,11 +242,15 @@ class MeshTranslator:
 
     def _build(
         self, type_url: str, name: str
-    ) -> address_pb2.Address | authorization_pb2.Authorization | None:
+    ) -> address_pb2.Address | authorization_pb2.Authorization | route_pb2.Route | None:
         ns, _, rest = name.partition("/")
         bucket = self._ns.get(ns)
         if bucket is None:
             return None
+        if type_url == ROUTE_TYPE:
+            kind, _, route_name = rest.partition("/")
+            route = bucket.route(kind, route_name)
+            return self._route(route) if route is not None else None
         if type_url == AUTHORIZATION_TYPE:
             policy = bucket.policies.get(rest)
             return self._authorization(policy) if policy else None
@@ -244,7 +279,13 @@ class MeshTranslator:
         self, ns: str, own_labels: Mapping[str, str], traffic: str
     ) -> address_pb2.GatewayAddress | None:
         """The waypoint named by the object's or its namespace's use-waypoint label, if it serves
-        this kind of traffic (`service` or `workload`)."""
+        this kind of traffic (`service` or `workload`).
+
+        A Gateway's own pods and Service (labelled with its name) never use a waypoint: a
+        waypoint enrolled through its namespace's label would otherwise send to itself.
+        """
+        if LABEL_GATEWAY_NAME in own_labels:
+            return None
         name = own_labels.get(LABEL_USE_WAYPOINT) or self._namespace_labels(ns).get(
             LABEL_USE_WAYPOINT
         )
@@ -378,6 +419,24 @@ class MeshTranslator:
         if waypoint is not None:
             out.waypoint.CopyFrom(waypoint)
         return out
+
+    @staticmethod
+    def _route(route: HTTPRoute | GRPCRoute) -> route_pb2.Route:
+        """The route as canonical JSON (sorted keys), so that equal routes are equal bytes.
+
+        The status and the resource version are left out: the waypoint reads neither, and a
+        status write alone must not push the route to every waypoint.
+        """
+        data = route.to_dict()
+        data.pop("status", None)
+        data["metadata"].pop("resourceVersion", None)
+        return route_pb2.Route(
+            kind=route.KIND,
+            namespace=route.metadata.namespace or "",
+            name=route.metadata.name,
+            creation_timestamp=route.metadata.creation_timestamp or "",
+            resource_json=json.dumps(data, sort_keys=True, separators=(",", ":")),
+        )
 
     def _authorization(self, policy: AuthorizationPolicy) -> authorization_pb2.Authorization:
         ns = policy.metadata.namespace or ""

@@ -2,9 +2,10 @@
 
 It lists and watches the control plane's objects and makes the host match them: a namespace
 per Node, a namespace and a running process per Workload (restarted with back-off when it
-exits), Service DNAT in every node, and each pod's hosts file. Reconciliation is
-level-triggered: on any change it compares the whole desired state with what exists, so a
-missed event cannot leave the host wrong for long.
+exits), Service DNAT in every node, and each pod's hosts file; and it reports each pod's phase
+back, as kubelet reports pod status. Reconciliation is level-triggered: on any change it
+compares the whole desired state with what exists, so a missed event cannot leave the host
+wrong for long.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from meshway.config.labels import LABEL_PROXY_MODE, PROXY_MODE_SIDECAR
+from meshway.config.labels import (
+    ANNOTATION_MANAGED_BY,
+    LABEL_PROXY_MODE,
+    PROXY_MODE_SIDECAR,
+    PROXY_MODE_WAYPOINT,
+)
 from meshway.config.model import KINDS, Node, Resource, Service, Workload
 from meshway.config.selection import service_endpoints
 from meshway.runtime import host
@@ -37,6 +43,26 @@ log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 1.0
 MAX_BACKOFF = 30.0
+# Where a waypoint pod finds its node's credential file (`python -m meshway.waypoint` reads it).
+CREDENTIALS_ENV = "MESHWAY_CREDENTIALS"
+
+
+def workload_phase(process_phase: str) -> str:
+    """A supervised process's phase as a Workload phase: Running only while it runs."""
+    if process_phase == "Running":
+        return "Running"
+    if process_phase.startswith("Failed"):
+        return "Failed"
+    return "Pending"
+
+
+def is_waypoint_pod(wl: Workload) -> bool:
+    """A waypoint the control plane deployed: its label and its owner annotation. Admission
+    already refuses both from users; the node's credential is worth checking twice."""
+    return (
+        wl.metadata.labels.get(LABEL_PROXY_MODE) == PROXY_MODE_WAYPOINT
+        and ANNOTATION_MANAGED_BY in wl.metadata.annotations
+    )
 
 
 class SupervisedProcess:
@@ -140,6 +166,26 @@ class PodState:
             "command": self.process.command,
             **self.process.describe(),
         }
+
+
+def pod_environment(
+    wl: Workload, pod: PodState, base: Mapping[str, str], credentials: Path | None
+) -> dict[str, str]:
+    """A pod's environment: the agent's, the Workload's, the downward-API names, and for a
+    waypoint its node's credential file. No other pod gets MESHWAY_CREDENTIALS, whatever the
+    agent's own environment or the Workload's spec says."""
+    env = {
+        **base,
+        **wl.spec.env,
+        "POD_NAME": pod.name,
+        "POD_NAMESPACE": pod.namespace,
+        "POD_IP": pod.ip,
+        "NODE_NAME": pod.node,
+    }
+    env.pop(CREDENTIALS_ENV, None)
+    if credentials is not None:
+        env[CREDENTIALS_ENV] = str(credentials)
+    return env
 
 
 @dataclass
@@ -263,6 +309,7 @@ class RuntimeAgent:
             self._remove_pod(key)
         for key, wl in wanted.items():
             self._ensure_pod(key, wl)
+        self._report_phases(workloads)
 
         for node in addresses:
             program = json.dumps(sorted(table.items()))
@@ -311,18 +358,30 @@ class RuntimeAgent:
         command = ["ip", "netns", "exec", pod.netns, *wl.spec.command]
         if pod.process.command != command:
             pod.process.restart_with(command)
-        env = {
-            **os.environ,
-            **wl.spec.env,
-            "POD_NAME": pod.name,
-            "POD_NAMESPACE": pod.namespace,
-            "POD_IP": pod.ip,
-            "NODE_NAME": pod.node,
-        }
+        credentials = self._node_credentials(pod.node) if is_waypoint_pod(wl) else None
+        env = pod_environment(wl, pod, os.environ, credentials)
         pod.process.tick(env, wl.spec.working_dir or str(self.dir))
         self._ensure_sidecar(
             key, pod, wl.metadata.labels.get(LABEL_PROXY_MODE) == PROXY_MODE_SIDECAR
         )
+
+    def _report_phases(self, workloads: Sequence[Workload]) -> None:
+        """Tell the control plane the phases that differ from what it has; a failed report is
+        retried by the next reconciliation, which compares again."""
+        changed = []
+        for wl in workloads:
+            pod = self.state.pods.get(f"{wl.metadata.namespace}/{wl.metadata.name}")
+            if pod is None:
+                continue
+            phase = workload_phase(pod.process.phase)
+            if wl.status.phase != phase:
+                changed.append({"namespace": pod.namespace, "name": pod.name, "phase": phase})
+        if not changed:
+            return
+        try:
+            self.http.post("/api/v1/workloads/status", json={"items": changed}).raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("cannot report the phase of %d pod(s): %s", len(changed), exc)
 
     def _node_credentials(self, node: str) -> Path:
         """The node's credential file, from a `node join` done once."""

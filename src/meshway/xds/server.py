@@ -125,6 +125,9 @@ class _Connection:
     def __init__(self, node: str, peer: str, cache: ResourceCache) -> None:
         self.id = f"{node}-{next(self._ids)}"
         self.node = node
+        # What the proxy calls itself: the node name (node proxy), or "<role>~<name>" for
+        # another proxy on the node (a waypoint: "waypoint~<ns>/<gateway>").
+        self.client_id = node
         self.peer = peer
         self.connected_at = time.time()
         self.cache = cache
@@ -232,6 +235,7 @@ class _Connection:
         return {
             "id": self.id,
             "node": self.node,
+            "client": self.client_id,
             "peer": self.peer,
             "connected_at": self.connected_at,
             "types": {
@@ -286,11 +290,18 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
 
         async def read() -> None:
             async for req in request_iterator:
-                if req.node.id and req.node.id != node:
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"node id '{req.node.id}' does not match the credential of node '{node}'",
-                    )
+                client_id = req.node.id
+                if client_id:
+                    # The credential decides the node; the id only names the proxy. A proxy
+                    # other than the node proxy names itself "<role>~<name>".
+                    role, tilde, _ = client_id.partition("~")
+                    if client_id != node and not (tilde and role):
+                        await context.abort(
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            f"node id '{client_id}' is neither the credential's node '{node}' "
+                            "nor '<role>~<name>'",
+                        )
+                    conn.client_id = client_id
                 conn.handle_request(req)
 
         reader = asyncio.create_task(read())

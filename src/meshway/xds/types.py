@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from meshway.api.v1 import address_pb2, authorization_pb2
+from meshway.api.v1 import address_pb2, authorization_pb2, route_pb2
 from meshway.xds.client import ResourceType, Validator
 
 ADDRESS_TYPE = "type.googleapis.com/meshway.api.v1.Address"
 AUTHORIZATION_TYPE = "type.googleapis.com/meshway.api.v1.Authorization"
+ROUTE_TYPE = "type.googleapis.com/meshway.api.v1.Route"
 NODE_PROXY_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
+WAYPOINT_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE)
+# Everything the control plane serves.
+ALL_TYPE_URLS = WAYPOINT_TYPE_URLS
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+def route_resource_name(namespace: str, kind: str, name: str) -> str:
+    return f"{namespace}/{kind}/{name}"
 
 
 def check_address(name: str, msg: address_pb2.Address) -> None:
@@ -39,6 +49,37 @@ def check_authorization(name: str, msg: authorization_pb2.Authorization) -> None
         raise ValueError(f"resource name does not match policy '{msg.namespace}/{msg.name}'")
 
 
+def check_route(name: str, msg: route_pb2.Route) -> None:
+    """The name matches the message, and the JSON is a valid object of the kind it claims.
+
+    Validation uses the configuration model itself (imported here, not at module level: the
+    node proxy imports this module and does not load pydantic), so a route the waypoint would
+    not understand is NACKed and shows up in the control plane's sync status.
+    """
+    if msg.kind not in ROUTE_KINDS:
+        raise ValueError(f"kind '{msg.kind}' is not one of {', '.join(ROUTE_KINDS)}")
+    expected = route_resource_name(msg.namespace, msg.kind, msg.name)
+    if name != expected:
+        raise ValueError(f"resource name does not match route '{expected}'")
+    try:
+        data = json.loads(msg.resource_json)
+    except ValueError as exc:
+        raise ValueError(f"resource_json is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("resource_json is not a JSON object")
+    metadata = data.get("metadata")
+    if (
+        data.get("kind") != msg.kind
+        or not isinstance(metadata, dict)
+        or metadata.get("name") != msg.name
+        or metadata.get("namespace") != msg.namespace
+    ):
+        raise ValueError(f"resource_json does not describe {msg.kind} {msg.namespace}/{msg.name}")
+    from meshway.config.model import KINDS
+
+    KINDS[msg.kind].model_validate(data)  # pydantic's ValidationError is a ValueError
+
+
 def node_proxy_types(
     extra_address: tuple[Validator, ...] = (), extra_authorization: tuple[Validator, ...] = ()
 ) -> list[ResourceType[Any]]:
@@ -50,4 +91,16 @@ def node_proxy_types(
             authorization_pb2.Authorization,
             (check_authorization, *extra_authorization),
         ),
+    ]
+
+
+def waypoint_types(
+    extra_address: tuple[Validator, ...] = (),
+    extra_authorization: tuple[Validator, ...] = (),
+    extra_route: tuple[Validator, ...] = (),
+) -> list[ResourceType[Any]]:
+    """The node proxy's types plus routes: what a waypoint subscribes to."""
+    return [
+        *node_proxy_types(extra_address, extra_authorization),
+        ResourceType(ROUTE_TYPE, route_pb2.Route, (check_route, *extra_route)),
     ]

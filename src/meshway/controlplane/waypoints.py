@@ -1,0 +1,406 @@
+"""The waypoint deployment controller: a Gateway of a waypoint class becomes a running waypoint.
+
+For each Gateway with `gatewayClassName: istio-waypoint` (or `meshway-waypoint`) the control
+plane creates, in the Gateway's namespace and under the Gateway's name, what Istio's deployment
+controller creates on Kubernetes:
+
+- a ServiceAccount (unless the namespace already has one of that name: then it is used, and
+  left alone when the waypoint goes),
+- a Workload running `python -m meshway.waypoint --gateway <ns>/<name>` on one node, with ports
+  15008 (`hbone`) and 15020 (`metrics`), and
+- a Service selecting that Workload on the same two ports, with a cluster IP,
+
+and keeps the Gateway's status (its address, `Accepted`, `Programmed`) up to date.
+
+What it creates carries the annotation `meshway.io/managed-by: Gateway/<name>`. Admission
+refuses a user's change to such an object, and deleting the Gateway deletes them in the same
+transaction. The controller is level-triggered: `sync` computes the desired objects from the
+store and writes only what differs, so a second run, a run after a restart, or an update of the
+Gateway that leaves the desired objects as they were changes nothing and restarts nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from meshway.config.errors import ConfigError
+from meshway.config.labels import (
+    ANNOTATION_MANAGED_BY,
+    LABEL_DATAPLANE_MODE,
+    LABEL_GATEWAY_NAME,
+    LABEL_PROXY_MODE,
+    PROXY_MODE_WAYPOINT,
+    WAYPOINT_GATEWAY_CLASSES,
+)
+from meshway.config.model import (
+    Gateway,
+    GatewayAddress,
+    GatewayStatus,
+    Node,
+    ObjectKey,
+    Resource,
+    Service,
+    ServiceAccount,
+    StatusCondition,
+    Workload,
+)
+from meshway.config.store import ApplyOutcome, ResourceVersionTooOld, SqliteStore
+
+if TYPE_CHECKING:
+    from meshway.controlplane.admission import Admission
+
+log = logging.getLogger(__name__)
+
+HBONE_PORT = 15008
+METRICS_PORT = 15020
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+# The kinds the controller creates for a waypoint, all named like its Gateway.
+MANAGED_KINDS = (ServiceAccount.KIND, Workload.KIND, Service.KIND)
+# The kinds whose name a waypoint takes: a user's object of that name cannot coexist with it.
+EXCLUSIVE_KINDS = (Workload.KIND, Service.KIND)
+
+
+def is_waypoint(obj: Resource | None) -> bool:
+    return isinstance(obj, Gateway) and obj.spec.gateway_class_name in WAYPOINT_GATEWAY_CLASSES
+
+
+def managed_by_value(gateway_name: str) -> str:
+    return f"Gateway/{gateway_name}"
+
+
+def owner_of(obj: Resource) -> ObjectKey | None:
+    """The Gateway that owns `obj` (same namespace), if the control plane created it for one."""
+    value = obj.metadata.annotations.get(ANNOTATION_MANAGED_BY)
+    if value is None:
+        return None
+    kind, _, name = value.partition("/")
+    if kind != Gateway.KIND or not name:
+        return None
+    return ObjectKey(Gateway.KIND, obj.key.namespace, name)
+
+
+def owned_keys(gateway: ObjectKey) -> list[ObjectKey]:
+    """Where the objects of a waypoint live: its namespace, its name, the managed kinds."""
+    return [ObjectKey(kind, gateway.namespace, gateway.name) for kind in MANAGED_KINDS]
+
+
+def waypoint_labels(gateway_name: str) -> dict[str, str]:
+    """The labels of a waypoint's pod: selected by its Service, not captured by the node proxy
+    (a waypoint speaks HBONE itself), and given the node's credential by the runtime."""
+    return {
+        LABEL_GATEWAY_NAME: gateway_name,
+        LABEL_DATAPLANE_MODE: "none",
+        LABEL_PROXY_MODE: PROXY_MODE_WAYPOINT,
+    }
+
+
+def waypoint_command(
+    namespace: str, name: str, python: str, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+) -> list[str]:
+    command = [python, "-m", "meshway.waypoint", "--gateway", f"{namespace}/{name}"]
+    if cluster_domain != DEFAULT_CLUSTER_DOMAIN:
+        command += ["--cluster-domain", cluster_domain]
+    return command
+
+
+def desired_objects(
+    gateway: Gateway,
+    node: str | None,
+    *,
+    python: str,
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
+    service_account: bool = True,
+) -> list[Resource]:
+    """What a waypoint Gateway stands for: its ServiceAccount (unless the user provides it), its
+    Service, and its Workload on `node` (none until a node is known)."""
+    ns = gateway.key.namespace
+    name = gateway.metadata.name
+    meta = {
+        "name": name,
+        "namespace": ns,
+        "labels": {LABEL_GATEWAY_NAME: name},
+        "annotations": {ANNOTATION_MANAGED_BY: managed_by_value(name)},
+    }
+    objects: list[Resource] = []
+    if service_account:
+        objects.append(ServiceAccount.model_validate({"metadata": meta}))
+    objects.append(
+        Service.model_validate(
+            {
+                "metadata": meta,
+                "spec": {
+                    "selector": {LABEL_GATEWAY_NAME: name},
+                    "ports": [
+                        {
+                            "name": "mesh",
+                            "port": HBONE_PORT,
+                            "targetPort": HBONE_PORT,
+                            "appProtocol": "hbone",
+                        },
+                        {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+                    ],
+                },
+            }
+        )
+    )
+    if node is not None:
+        objects.append(
+            Workload.model_validate(
+                {
+                    "metadata": {**meta, "labels": waypoint_labels(name)},
+                    "spec": {
+                        "serviceAccountName": name,
+                        "nodeName": node,
+                        "command": waypoint_command(ns, name, python, cluster_domain),
+                        "ports": [
+                            {"name": "hbone", "containerPort": HBONE_PORT},
+                            {"name": "metrics", "containerPort": METRICS_PORT},
+                        ],
+                    },
+                }
+            )
+        )
+    return objects
+
+
+def choose_node(nodes: Iterable[Resource], workloads: Iterable[Resource]) -> str | None:
+    """The schedulable node (it has a pod CIDR and is not cordoned) that runs the fewest
+    workloads; ties go to the first name, so that the same store gives the same choice."""
+    candidates = sorted(
+        n.metadata.name
+        for n in nodes
+        if isinstance(n, Node) and n.status.pod_cidr and not n.spec.unschedulable
+    )
+    if not candidates:
+        return None
+    load = Counter(w.spec.node_name for w in workloads if isinstance(w, Workload))
+    return min(candidates, key=lambda n: (load[n], n))
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def gateway_status(
+    gateway: Gateway,
+    service: Resource | None,
+    workload: Resource | None,
+    problem: tuple[str, str] | None,
+    now: str,
+) -> GatewayStatus:
+    """The Gateway API status of a waypoint Gateway.
+
+    `Programmed` is True once the waypoint's pod runs (the runtime reports the phase); until
+    then it says what is missing. `problem` is a (reason, message) that keeps it False.
+    `lastTransitionTime` changes only when a condition's status does.
+    """
+    generation = gateway.metadata.generation
+    addresses = []
+    if isinstance(service, Service) and service.spec.cluster_ip and not service.spec.headless:
+        addresses.append(GatewayAddress(type="IPAddress", value=service.spec.cluster_ip))
+    if problem is not None:
+        reason, message = problem
+        programmed = ("False", reason, message)
+    elif not isinstance(workload, Workload):
+        programmed = ("False", "Pending", "waiting for a schedulable node to run the waypoint on")
+    elif workload.status.phase != "Running":
+        programmed = (
+            "False",
+            "Pending",
+            f"waypoint Workload {workload.display_name} on node '{workload.spec.node_name}' "
+            f"is {workload.status.phase or 'Pending'}",
+        )
+    else:
+        programmed = (
+            "True",
+            "Programmed",
+            f"waypoint Workload {workload.display_name} runs on node '{workload.spec.node_name}'",
+        )
+    before = {c.type: c for c in gateway.status.conditions}
+    conditions = []
+    for ctype, (status, reason, message) in (
+        ("Accepted", ("True", "Accepted", "")),
+        ("Programmed", programmed),
+    ):
+        old = before.get(ctype)
+        since = old.last_transition_time if old is not None and old.status == status else None
+        conditions.append(
+            StatusCondition.model_validate(
+                {
+                    "type": ctype,
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": since or now,
+                    "observedGeneration": generation,
+                }
+            )
+        )
+    return gateway.status.model_copy(update={"addresses": addresses, "conditions": conditions})
+
+
+class WaypointController:
+    """Keeps one waypoint deployment per waypoint Gateway, from store events."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        admission: Admission,
+        *,
+        cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
+        python: str = sys.executable,
+        clock: Callable[[], str] = _now,
+    ) -> None:
+        self.store = store
+        self.admission = admission
+        self.cluster_domain = cluster_domain
+        self.python = python
+        self.clock = clock
+
+    # -- what to look at ---------------------------------------------------------------------
+
+    def waypoint_gateways(self) -> list[ObjectKey]:
+        return [g.key for g in self.store.list(Gateway.KIND) if is_waypoint(g)]
+
+    def all_keys(self) -> set[ObjectKey]:
+        """Every waypoint Gateway, and the owner of every managed object (to clean orphans)."""
+        keys = set(self.waypoint_gateways())
+        for kind in MANAGED_KINDS:
+            for obj in self.store.list(kind):
+                owner = owner_of(obj)
+                if owner is not None:
+                    keys.add(owner)
+        return keys
+
+    def affected(self, objects: Iterable[Resource]) -> set[ObjectKey]:
+        """The Gateways whose waypoint may need work after `objects` changed.
+
+        A Gateway itself; every waypoint Gateway when a Node changes (one may have been waiting
+        for a node); the owner of a managed object (its phase or address feeds the status, and
+        a removed one is recreated); the Gateway named like a Workload or Service (a conflict
+        may have appeared or gone). Lookups are by key, so that a batch of ten thousand
+        workloads costs ten thousand dictionary lookups.
+        """
+        keys: set[ObjectKey] = set()
+        nodes_changed = False
+        for obj in objects:
+            if isinstance(obj, Gateway):
+                keys.add(obj.key)
+            elif isinstance(obj, Node):
+                nodes_changed = True
+            elif obj.KIND in MANAGED_KINDS:
+                owner = owner_of(obj)
+                if owner is not None:
+                    keys.add(owner)
+                namesake = ObjectKey(Gateway.KIND, obj.key.namespace, obj.metadata.name)
+                if namesake != owner and self.store.get(namesake) is not None:
+                    keys.add(namesake)
+        if nodes_changed:
+            keys.update(self.waypoint_gateways())
+        return keys
+
+    # -- reconciliation ----------------------------------------------------------------------
+
+    def sync(self, keys: Iterable[ObjectKey]) -> None:
+        """Bring the waypoint of each Gateway in `keys` to what the store says it should be.
+
+        One Gateway's failure is logged and does not stop the others: the controller must not
+        take the control plane down with it.
+        """
+        for key in sorted(set(keys)):
+            try:
+                self._sync_one(key)
+            except Exception:
+                log.exception("waypoint controller: reconciling Gateway %s failed", key)
+
+    def _owned(self, key: ObjectKey) -> dict[str, Resource]:
+        found = {}
+        for okey in owned_keys(key):
+            obj = self.store.get(okey)
+            if obj is not None and owner_of(obj) == key:
+                found[okey.kind] = obj
+        return found
+
+    def _sync_one(self, key: ObjectKey) -> None:
+        gateway = self.store.get(key)
+        owned = self._owned(key)
+        if not isinstance(gateway, Gateway) or not is_waypoint(gateway):
+            if owned:
+                keys = [o.key for o in owned.values()]
+                self.admission.delete(keys, controller=True)
+                log.info("removed the waypoint of Gateway %s/%s", key.namespace, key.name)
+            return
+        conflict = self._conflict(key)
+        if conflict is not None:
+            self._write_status(gateway, ("Invalid", conflict))
+            return
+        workload = owned.get(Workload.KIND)
+        if isinstance(workload, Workload):
+            node: str | None = workload.spec.node_name  # a waypoint stays where it was placed
+        else:
+            node = choose_node(self.store.list(Node.KIND), self.store.list(Workload.KIND))
+        account = self.store.get(ObjectKey(ServiceAccount.KIND, key.namespace, key.name))
+        desired = desired_objects(
+            gateway,
+            node,
+            python=self.python,
+            cluster_domain=self.cluster_domain,
+            service_account=account is None or owner_of(account) == key,
+        )
+        problem = None
+        try:
+            results = self.admission.apply(desired, controller=True)
+        except ConfigError as exc:
+            problem = ("NoResources", "; ".join(issue.message for issue in exc.issues))
+            log.warning("cannot deploy the waypoint of Gateway %s: %s", key, problem[1])
+        else:
+            for result in results:
+                if result.outcome is not ApplyOutcome.UNCHANGED:
+                    log.info("waypoint: %s %s", result.object.object_ref, result.outcome)
+        self._write_status(gateway, problem)
+
+    def _conflict(self, key: ObjectKey) -> str | None:
+        for kind in EXCLUSIVE_KINDS:
+            other = self.store.get(ObjectKey(kind, key.namespace, key.name))
+            if other is not None and owner_of(other) != key:
+                return conflict_message(kind, key)
+        return None
+
+    def _write_status(self, gateway: Gateway, problem: tuple[str, str] | None) -> None:
+        """Status goes to the store directly: it is the controller's to write, and admission
+        keeps whatever status the stored Gateway has when a user applies it."""
+        owned = self._owned(gateway.key)
+        status = gateway_status(
+            gateway, owned.get(Service.KIND), owned.get(Workload.KIND), problem, self.clock()
+        )
+        if status != gateway.status:
+            self.store.apply([gateway.model_copy(update={"status": status})])
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile every waypoint, then follow the store's events; start over if the watch
+        falls behind the event log."""
+        while True:
+            revision = self.store.revision
+            self.sync(self.all_keys())
+            try:
+                async for event in self.store.watch(revision):
+                    keys = self.affected([event.object])
+                    if keys:
+                        self.sync(keys)
+            except ResourceVersionTooOld:
+                log.warning("waypoint controller fell behind the store; reconciling everything")
+
+
+def conflict_message(kind: str, gateway: ObjectKey) -> str:
+    return (
+        f"{kind} {gateway.namespace}/{gateway.name} exists and is not managed by this Gateway: "
+        f"a waypoint's Workload and Service take its Gateway's name; rename the Gateway or "
+        f"delete the {kind}"
+    )
