@@ -355,11 +355,19 @@ class RuntimeAgent:
                 ns, wl.metadata.name, wl.spec.node_name, str(wl.status.pod_ip), netns, process
             )
             self.state.pods[key] = pod
-        command = ["ip", "netns", "exec", pod.netns, *wl.spec.command]
+        waypoint = is_waypoint_pod(wl)
+        if waypoint:
+            # Like a node proxy, a waypoint runs beside the pod and makes its sockets inside
+            # the pod's namespace: it must reach the control plane, which pods cannot.
+            command = list(wl.spec.command)
+        else:
+            command = ["ip", "netns", "exec", pod.netns, *wl.spec.command]
         if pod.process.command != command:
             pod.process.restart_with(command)
-        credentials = self._node_credentials(pod.node) if is_waypoint_pod(wl) else None
+        credentials = self._node_credentials(pod.node) if waypoint else None
         env = pod_environment(wl, pod, os.environ, credentials)
+        if waypoint:
+            env["MESHWAY_NETNS"] = str(host.NETNS_DIR / pod.netns)
         pod.process.tick(env, wl.spec.working_dir or str(self.dir))
         self._ensure_sidecar(
             key, pod, wl.metadata.labels.get(LABEL_PROXY_MODE) == PROXY_MODE_SIDECAR

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -119,6 +121,90 @@ class NodeMetrics:
             ["identity"],
             registry=r,
         )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+HTTP_LABELS = (*TCP_LABELS[:-2], "response_code", "response_flags", "request_protocol")
+
+# Istio's default buckets for request durations (ms) and sizes (bytes).
+_DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+_SIZE_BUCKETS = (1, 10, 100, 1000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000)
+
+
+class WaypointMetrics:
+    """The waypoint's registry: Istio's request metrics (BRIEF §4) plus the proxy's own.
+
+    The label sets are few (one per source, destination, code and flags), so each request's
+    children are looked up in a small dict instead of going through `labels()` every time.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter("istio_requests", "Requests served.", HTTP_LABELS, registry=r)
+        self.duration = Histogram(
+            "istio_request_duration_milliseconds",
+            "Request duration, from the request's first byte to the response's last.",
+            HTTP_LABELS,
+            buckets=_DURATION_BUCKETS_MS,
+            registry=r,
+        )
+        self.request_bytes = Histogram(
+            "istio_request_bytes",
+            "Request body sizes.",
+            HTTP_LABELS,
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.response_bytes = Histogram(
+            "istio_response_bytes",
+            "Response body sizes.",
+            HTTP_LABELS,
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.tunnels = Counter(
+            "meshway_waypoint_tunnels",
+            "HBONE tunnels accepted or refused, by outcome and detected protocol.",
+            ["outcome", "protocol"],
+            registry=r,
+        )
+        self.hbone_errors = Gauge(
+            "meshway_waypoint_hbone_rejected_connections",
+            "HBONE connections and requests closed for bad input, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.cert_expiry = Gauge(
+            "meshway_waypoint_certificate_expiry_timestamp_seconds",
+            "When the waypoint's certificate expires.",
+            ["identity"],
+            registry=r,
+        )
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+
+    def observe(
+        self, labels: tuple[str, ...], duration_ms: float, request_size: int, response_size: int
+    ) -> None:
+        """Count one finished request; `labels` in HTTP_LABELS order."""
+        children = self._children.get(labels)
+        if children is None:
+            children = (
+                self.requests.labels(*labels),
+                self.duration.labels(*labels),
+                self.request_bytes.labels(*labels),
+                self.response_bytes.labels(*labels),
+            )
+            if len(self._children) < 10_000:  # bounded, whatever the label cardinality
+                self._children[labels] = children
+        children[0].inc()
+        children[1].observe(duration_ms)
+        children[2].observe(request_size)
+        children[3].observe(response_size)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -194,6 +194,14 @@ class Body:
             finally:
                 self._reader = None
 
+    def read_nowait(self) -> bytes:
+        """Everything buffered now (for bodies already complete)."""
+        data = b"".join(self._chunks)
+        self._consumed += len(data)
+        self._chunks.clear()
+        self._buffered = 0
+        return data
+
     async def read_all(self, limit: int | None = None) -> bytes:
         """The whole body; BodyError when it is longer than `limit`."""
         parts: list[bytes] = []

@@ -1,0 +1,635 @@
+"""The waypoint's data path: HBONE in, L7 policy and routing, HBONE out.
+
+A source node proxy sends a destination's traffic here when the destination uses this
+waypoint (`istio.io/use-waypoint`), as an HBONE tunnel whose `:authority` is the original
+destination (a Service VIP and port, or a workload's IP and port) and whose peer certificate
+is the *client's* identity. For each tunnel the waypoint:
+
+1. checks that the destination uses this waypoint (anything else is refused: a waypoint is
+   not an open relay);
+2. picks the protocol from the Service port's `appProtocol`, or by sniffing the first bytes
+   (the HTTP/2 preface, an HTTP/1.1 request line, else opaque TCP);
+3. for HTTP, per request: L7 authorization (targetRefs policies, with the client's identity),
+   route matching (HTTPRoute/GRPCRoute), filters, a weighted backend, an endpoint, timeouts and
+   retries, then a pooled upstream connection to the endpoint's node proxy over HBONE with the
+   waypoint's own identity; for TCP, one tunnel to an endpoint and bytes both ways;
+4. reports each request (Istio's metrics with `reporter="waypoint"`, one JSON access-log line).
+
+Response flags follow Envoy's: NR no route, UH no healthy upstream, UF upstream connection
+failure, UC upstream connection termination, UT upstream request timeout, URX retries
+exhausted, DC downstream connection termination, and "-" for none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshway.api.v1 import address_pb2
+from meshway.hbone.errors import HboneError
+from meshway.hbone.server import HboneRequest
+from meshway.identity.spiffe import SpiffeId
+from meshway.node.state import ProxyState, ip_text, workload_identity
+from meshway.policy.authorization import Decision
+from meshway.policy.waypoint import DENIED_BODY, RequestContext, WaypointPolicyIndex
+from meshway.telemetry.metrics import WaypointMetrics
+from meshway.waypoint.http1 import copy_both_ways, serve_h1
+from meshway.waypoint.http2 import serve_h2
+from meshway.waypoint.messages import (
+    Body,
+    BodyError,
+    ByteStream,
+    Request,
+    Response,
+    UpstreamError,
+    simple_response,
+)
+from meshway.waypoint.protocols import sniff
+from meshway.waypoint.routing import RetryPolicy, RouteTable, Timeouts
+from meshway.waypoint.upstream import Endpoint, UpstreamPool
+
+log = logging.getLogger(__name__)
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NO_POLICY = Decision(True, None, "no policy")
+access_log = logging.getLogger("meshway.access")
+
+SNIFF_TIMEOUT = 1.0
+# Request bodies up to this size are kept so that a retry can send them again.
+RETRY_BUFFER = 64 * 1024
+_HTTP2_PROTOCOLS = frozenset({"http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c"})
+_HTTP1_PROTOCOLS = frozenset({"http", "http1", "http/1.1", "kubernetes.io/ws"})
+_TCP_PROTOCOLS = frozenset({"tcp", "mongo", "mysql", "redis", "tls", "https", "kubernetes.io/wss"})
+
+
+@dataclass(slots=True)
+class Destination:
+    """The original destination of a tunnel: a Service port, or a workload's port."""
+
+    port: int
+    service: address_pb2.Service | None = None
+    workload: address_pb2.Workload | None = None
+    app_protocol: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return self.service.hostname if self.service is not None else "unknown"
+
+    @property
+    def workload_namespace(self) -> str:
+        return self.workload.namespace if self.workload is not None else ""
+
+    @property
+    def ip(self) -> IpAddress:
+        if self.service is not None and self.service.addresses:
+            return ipaddress.ip_address(self.service.addresses[0].address)
+        if self.workload is not None and self.workload.addresses:
+            return ipaddress.ip_address(self.workload.addresses[0])
+        return ipaddress.IPv4Address(0)
+
+
+@dataclass(slots=True)
+class Downstream:
+    """What the waypoint knows about the client of one tunnel."""
+
+    identity: SpiffeId
+    ip: str
+    workload: address_pb2.Workload | None
+    destination: Destination
+    source_ip: IpAddress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.source_ip = ipaddress.ip_address(self.ip)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one request went, for telemetry."""
+
+    flags: str = "-"
+    endpoint: Endpoint | None = None
+    route: str = ""
+    attempts: int = 0
+    upstream_ms: float | None = None
+    details: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class WaypointDataPath:
+    """Everything per tunnel and per request; the process around it lives in `server.py`."""
+
+    def __init__(
+        self,
+        gateway: tuple[str, str],
+        service_name: str,
+        state: ProxyState,
+        metrics: WaypointMetrics,
+        identity: Callable[[], SpiffeId],
+        upstream: UpstreamPool,
+        *,
+        root_namespace: str = "istio-system",
+        access_log_enabled: bool = True,
+    ) -> None:
+        self.gateway = gateway
+        self.service_name = service_name
+        self.state = state
+        self.metrics = metrics
+        self._identity = identity
+        self.upstream = upstream
+        self.routes = RouteTable.build([])
+        self.policies = WaypointPolicyIndex([], gateway, root_namespace)
+        self.root_namespace = root_namespace
+        self.access_log_enabled = access_log_enabled
+        self._round_robin: dict[str, itertools.count[int]] = {}
+        # Endpoints by (service, port), rebuilt after every state change.
+        self._endpoints: dict[tuple[str, int], list[Endpoint]] = {}
+        self._rand = random.random
+
+    def update(self, routes: RouteTable | None = None) -> None:
+        """New mesh state: rebuild the policy index, and the routes when they changed."""
+        if routes is not None:
+            self.routes = routes
+        self._endpoints = {}
+        self.policies = WaypointPolicyIndex(
+            self.state.policies.values(), self.gateway, self.root_namespace
+        )
+
+    # -- tunnels ---------------------------------------------------------------------------
+
+    def destination(self, ip: str, port: int) -> Destination | None:
+        """The tunnel's destination if it uses this waypoint, else None."""
+        idx = self.state.indexes
+        svc = idx.services_by_vip.get((ip, port))
+        if svc is not None:
+            if svc.waypoint.service != self.service_name:
+                return None
+            app = next((p.app_protocol for p in svc.ports if p.service_port == port), "")
+            return Destination(port, service=svc, app_protocol=app.lower())
+        wl = idx.workloads_by_ip.get(ip)
+        if wl is None or wl.waypoint.service != self.service_name:
+            return None
+        return Destination(port, workload=wl)
+
+    async def handle_tunnel(self, request: HboneRequest) -> None:
+        ip = str(request.target_ip)
+        dest = self.destination(ip, request.target_port)
+        if dest is None:
+            self.metrics.tunnels.labels(outcome="refused", protocol="-").inc()
+            request.refuse(403, f"{request.authority} does not use waypoint {self.service_name}")
+            return
+        request.accept()
+        source_ip = _forwarded_for(request.headers) or request.peer_address[0]
+        down = Downstream(
+            request.peer_identity,
+            source_ip,
+            self.state.workload_by_ip(source_ip),
+            dest,
+        )
+        stream = request.stream
+        protocol, first = await self._protocol(stream, dest)
+        self.metrics.tunnels.labels(outcome="accepted", protocol=protocol).inc()
+        try:
+            if protocol == "http1":
+                await serve_h1(stream, lambda req: self.serve(down, req), initial=first)
+            elif protocol == "http2":
+                await serve_h2(stream, lambda req: self.serve(down, req), initial=first)
+            else:
+                await self._tcp(down, stream, first)
+        except (HboneError, ConnectionError, OSError) as exc:
+            log.debug("tunnel from %s ended: %s", request.peer_identity, exc)
+
+    async def _protocol(self, stream: ByteStream, dest: Destination) -> tuple[str, bytes]:
+        """The tunnel's protocol, from the port's appProtocol or its first bytes.
+
+        A port declared `http` may still receive HTTP/2 with prior knowledge (Envoy's codec
+        is "auto" there too), so HTTP ports are sniffed between the two; what is neither goes
+        to the HTTP/1.1 server, which answers 400.
+        """
+        app = dest.app_protocol
+        if app in _HTTP2_PROTOCOLS:
+            return "http2", b""
+        if app in _TCP_PROTOCOLS:
+            return "tcp", b""
+        first = b""
+        try:
+            async with asyncio.timeout(SNIFF_TIMEOUT):
+                while True:
+                    data = await stream.read(65536)
+                    if not data:
+                        return "tcp", first
+                    first += data
+                    kind = sniff(first)
+                    if kind:
+                        break
+        except TimeoutError:  # a server-first protocol, or a slow client: opaque TCP
+            kind = "tcp"
+        if kind == "tcp" and app in _HTTP1_PROTOCOLS:
+            kind = "http1"
+        return kind, first
+
+    async def _tcp(self, down: Downstream, stream: ByteStream, first: bytes) -> None:
+        started = time.monotonic()
+        dest = down.destination
+        endpoint = self.pick_endpoint(dest.service, dest.workload, dest.port)
+        outcome = Outcome()
+        sent = received = 0
+        if endpoint is None:
+            outcome.flags = "UH"
+            stream.abort()
+        else:
+            outcome.endpoint = endpoint
+            try:
+                upstream = await self.upstream.open(endpoint)
+            except UpstreamError as exc:
+                outcome.flags = "UF"
+                outcome.details = str(exc)
+                stream.abort()
+            else:
+                sent, received = await copy_both_ways(stream, upstream, first)
+        self._report(down, "tcp", None, 0, outcome, started, sent, received)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def serve(self, down: Downstream, request: Request) -> Response:
+        """One HTTP request, start to finish (the response body may still be streaming)."""
+        started = time.monotonic()
+        outcome = Outcome()
+        try:
+            response = await self._serve(down, request, outcome)
+        except Exception as exc:
+            log.exception("waypoint request failed")
+            outcome.flags = "-"
+            outcome.details = f"internal error: {exc}"
+            response = simple_response(500, "internal error\n")
+        if (request.header("content-type") or "").startswith("application/grpc") and not (
+            response.header("content-type") or ""
+        ).startswith("application/grpc"):
+            # A gRPC client needs a gRPC status, whoever answered (gRPC's HTTP mapping).
+            text = response.body.copy()
+            message = text.read_nowait().decode(errors="replace").strip() if text else ""
+            response.body.cancel()
+            response = grpc_error(_GRPC_STATUS.get(response.status, 2), message)
+        self._track(down, request, response, outcome, started)
+        return response
+
+    async def _serve(self, down: Downstream, request: Request, outcome: Outcome) -> Response:
+        dest = down.destination
+        decision = self._authorize(down, request)
+        if not decision.allowed:
+            outcome.details = f"rbac_access_denied: {decision.reason}"
+            return simple_response(403, DENIED_BODY)
+        if request.header("x-request-id") is None:
+            request.headers.append(("x-request-id", str(uuid.uuid4())))
+        timeouts: Timeouts | None = None
+        retry: RetryPolicy | None = None
+        target_service = dest.service
+        target_port = dest.port
+        target_workload = dest.workload
+        match = None
+        if dest.service is not None:
+            routes = self.routes.for_service(
+                dest.service.namespace,
+                dest.service.name,
+                dest.port,
+                client_namespace=down.identity.namespace,
+            )
+            if routes is not None:
+                match = routes.match(request)
+                if match is None:
+                    outcome.flags = "NR"
+                    return simple_response(404, "no route matched\n")
+                outcome.route = match.route
+                redirect = match.apply_request_filters(request)
+                if redirect is not None:
+                    return redirect
+                backend = match.pick_backend(self._rand)
+                if backend is None:
+                    outcome.flags = "NR"
+                    if match.rule.grpc:
+                        return grpc_error(14, "no valid backend")
+                    return simple_response(500, "no valid backend\n")
+                rejected = match.apply_backend_filters(request)
+                if rejected is not None:
+                    return rejected
+                target_service = self._service(backend.namespace, backend.name)
+                target_port = backend.port
+                if target_service is None:
+                    outcome.flags = "UH"
+                    return simple_response(500, f"backend {backend.name} not found\n")
+                timeouts = match.rule.timeouts
+                retry = match.rule.retry
+        response = await self._forward(
+            down, request, target_service, target_workload, target_port, timeouts, retry, outcome
+        )
+        if match is not None:
+            match.apply_response_filters(response)
+        return response
+
+    def _authorize(self, down: Downstream, request: Request) -> Decision:
+        dest = down.destination
+        svc = dest.service
+        if svc is not None:
+            policy_set = self.policies.policy_set(svc.namespace, svc.name)
+        else:
+            policy_set = self.policies.policy_set(dest.workload_namespace, "")
+        if policy_set.empty:
+            return _NO_POLICY
+        ctx = RequestContext(
+            down.source_ip,
+            down.identity,
+            dest.ip,
+            dest.port,
+            request.method,
+            request.path,
+            request.authority,
+            request.headers,
+        )
+        return policy_set.evaluate(ctx)
+
+    def _service(self, namespace: str, name: str) -> address_pb2.Service | None:
+        domain_key = f"{namespace}/{name}.{namespace}.svc."
+        for key, svc in self.state.services.items():
+            if key.startswith(domain_key) or (svc.namespace == namespace and svc.name == name):
+                return svc
+        return None
+
+    def pick_endpoint(
+        self,
+        service: address_pb2.Service | None,
+        workload: address_pb2.Workload | None,
+        port: int,
+    ) -> Endpoint | None:
+        """Round robin over the service's endpoints for `port` (or the workload itself)."""
+        if service is None:
+            if workload is None or not workload.addresses:
+                return None
+            return Endpoint(workload, ip_text(workload.addresses[0]), port)
+        key = f"{service.namespace}/{service.hostname}"
+        candidates = self._endpoints.get((key, port))
+        if candidates is None:
+            candidates = self._endpoints[(key, port)] = [
+                Endpoint(wl, ip_text(wl.addresses[0]), target)
+                for wl, service_port, target in self.state.indexes.endpoints.get(key, [])
+                if service_port == port and wl.addresses
+            ]
+        if not candidates:
+            return None
+        counter = self._round_robin.setdefault(key, itertools.count())
+        return candidates[next(counter) % len(candidates)]
+
+    async def _forward(
+        self,
+        down: Downstream,
+        request: Request,
+        service: address_pb2.Service | None,
+        workload: address_pb2.Workload | None,
+        port: int,
+        timeouts: Timeouts | None,
+        retry: RetryPolicy | None,
+        outcome: Outcome,
+    ) -> Response:
+        total = timeouts.request if timeouts is not None else None
+        try:
+            async with asyncio.timeout(total):
+                return await self._attempts(
+                    down, request, service, workload, port, timeouts, retry, outcome
+                )
+        except TimeoutError:
+            outcome.flags = "UT"
+            request.body.cancel()
+            return simple_response(504, "upstream request timeout")
+
+    async def _attempts(
+        self,
+        down: Downstream,
+        request: Request,
+        service: address_pb2.Service | None,
+        workload: address_pb2.Workload | None,
+        port: int,
+        timeouts: Timeouts | None,
+        retry: RetryPolicy | None,
+        outcome: Outcome,
+    ) -> Response:
+        per_try = timeouts.backend_request if timeouts is not None else None
+        http2 = upstream_http2(down.destination.app_protocol, request)
+        replay: bytes | None = None
+        if retry is not None and retry.attempts > 0:
+            body = request.body
+            if body.length is None or body.length <= RETRY_BUFFER:
+                try:
+                    replay = await body.read_all(RETRY_BUFFER)
+                except BodyError:
+                    replay = None
+                    retry = None  # too large to keep: no retries for this request
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome.attempts = attempt
+            endpoint = self.pick_endpoint(service, workload, port)
+            if endpoint is None:
+                outcome.flags = "UH"
+                request.body.cancel()
+                return simple_response(503, "no healthy upstream")
+            outcome.endpoint = endpoint
+            if replay is not None:
+                request.body = Body.of(replay, request.body.trailers)
+            status: int | None = None
+            tried = time.monotonic()
+            try:
+                async with asyncio.timeout(per_try):
+                    response = await self.upstream.request(endpoint, request, http2)
+                status = response.status
+                outcome.upstream_ms = (time.monotonic() - tried) * 1000
+                if (
+                    retry is None
+                    or status not in retry.codes
+                    or not retry.should_retry(request.method, status, attempt, body_sent=True)
+                ):
+                    outcome.flags = "-" if attempt == 1 or status < 500 else "URX"
+                    return response
+                response.body.cancel()
+                failure = simple_response(status, "")
+                failure_flags = "URX"
+            except TimeoutError:
+                outcome.flags = "UT"
+                failure = simple_response(504, "upstream request timeout")
+                failure_flags = "UT"
+                if retry is None or not retry.should_retry(
+                    request.method, None, attempt, body_sent=True
+                ):
+                    return failure
+            except UpstreamError as exc:
+                outcome.details = str(exc)
+                failure_flags = "UC" if exc.connected else "UF"
+                text = "upstream connect error or disconnect/reset before headers"
+                failure = simple_response(503, f"{text}. reset reason: {exc}")
+                if retry is None or not retry.should_retry(
+                    request.method, None, attempt, body_sent=exc.connected
+                ):
+                    outcome.flags = failure_flags if attempt == 1 else "URX"
+                    return failure
+            if retry is None:
+                outcome.flags = failure_flags
+                return failure
+            await asyncio.sleep(retry.backoff_for(attempt))
+
+    # -- telemetry ---------------------------------------------------------------------------
+
+    def _track(
+        self,
+        down: Downstream,
+        request: Request,
+        response: Response,
+        outcome: Outcome,
+        started: float,
+    ) -> None:
+        """Report the request once the response body has been sent (or given up)."""
+        grpc = (request.header("content-type") or "").startswith("application/grpc")
+
+        def done(response_bytes: int, complete: bool) -> None:
+            if not complete and outcome.flags == "-":
+                outcome.flags = "DC"
+            self._report(
+                down,
+                "grpc" if grpc else "http",
+                request,
+                response.status,
+                outcome,
+                started,
+                request.body.consumed,
+                response_bytes,
+            )
+
+        if response.upgraded is not None:
+            done(0, True)
+        elif response.body.finished:
+            done(response.body.consumed, True)
+        else:
+            response.body.on_done = done
+
+    def _report(
+        self,
+        down: Downstream,
+        protocol: str,
+        request: Request | None,
+        status: int,
+        outcome: Outcome,
+        started: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        duration_ms = (time.monotonic() - started) * 1000
+        dest = down.destination
+        endpoint = outcome.endpoint
+        dst_wl = endpoint.workload if endpoint is not None else dest.workload
+        dst_identity = workload_identity(dst_wl) if dst_wl is not None else None
+        src = down.workload
+        service = dest.hostname
+        labels = (
+            "waypoint",
+            src.canonical_name if src is not None else "unknown",
+            src.namespace if src is not None else "unknown",
+            down.identity.uri,
+            dst_wl.canonical_name if dst_wl is not None else "unknown",
+            dst_wl.namespace if dst_wl is not None else "unknown",
+            service,
+            dst_identity.uri if dst_identity is not None else "unknown",
+            "mutual_tls",
+            str(status),
+            outcome.flags,
+            protocol,
+        )
+        if request is not None:
+            self.metrics.observe(labels, duration_ms, request_bytes, response_bytes)
+        if not self.access_log_enabled:
+            return
+        entry: dict[str, Any] = {
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time())),
+            "protocol": protocol,
+        }
+        if request is not None:
+            entry.update(
+                method=request.method,
+                path=request.path,
+                authority=request.authority,
+                response_code=status,
+                request_id=request.header("x-request-id"),
+                trace_id=_trace_id(request),
+            )
+        entry.update(
+            response_flags=outcome.flags,
+            duration_ms=round(duration_ms, 3),
+            upstream_service_time_ms=(
+                round(outcome.upstream_ms, 3) if outcome.upstream_ms is not None else None
+            ),
+            bytes_received=request_bytes,
+            bytes_sent=response_bytes,
+            upstream_host=f"{endpoint.ip}:{endpoint.port}" if endpoint is not None else None,
+            upstream_cluster=service,
+            route_name=outcome.route or None,
+            attempts=outcome.attempts or None,
+            source_address=down.ip,
+            source_principal=down.identity.uri,
+            destination_principal=dst_identity.uri if dst_identity is not None else None,
+            details=outcome.details or None,
+        )
+        access_log.info(json.dumps(entry, separators=(",", ":")))
+
+
+# HTTP status to gRPC status, as gRPC's "HTTP to gRPC status code mapping" has it, plus what
+# Envoy answers for its own 403 and 504.
+_GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+def grpc_error(code: int, message: str) -> Response:
+    """A trailers-only gRPC error answer (HTTP 200 with grpc-status), as gRPC clients expect."""
+    return Response(
+        200,
+        [
+            ("content-type", "application/grpc"),
+            ("grpc-status", str(code)),
+            ("grpc-message", message),
+        ],
+        Body.of(),
+    )
+
+
+def upstream_http2(app_protocol: str, request: Request) -> bool:
+    """HTTP/2 to the endpoint when its port says so, HTTP/1.1 when it says `http`, and the
+    client's own protocol when the port does not say."""
+    if app_protocol in _HTTP2_PROTOCOLS:
+        return True
+    if app_protocol in _HTTP1_PROTOCOLS:
+        return False
+    return request.protocol == "HTTP/2"
+
+
+def _forwarded_for(headers: dict[str, str]) -> str | None:
+    """The client address from the node proxy's `forwarded: for="ip"` header."""
+    value = headers.get("forwarded", "")
+    for part in value.split(";"):
+        key, _, raw = part.strip().partition("=")
+        if key.lower() == "for":
+            ip = raw.strip('"').strip("[]")
+            with contextlib.suppress(ValueError):
+                return str(ipaddress.ip_address(ip))
+    return None
+
+
+def _trace_id(request: Request) -> str | None:
+    """The W3C trace id of the request, or its B3 one."""
+    traceparent = request.header("traceparent")
+    if traceparent is not None:
+        parts = traceparent.split("-")
+        if len(parts) >= 4 and len(parts[1]) == 32:
+            return parts[1]
+    return request.header("x-b3-traceid")

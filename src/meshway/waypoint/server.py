@@ -1,0 +1,261 @@
+"""The waypoint process: xDS state in, certificate from the CA, HBONE on 15008, metrics on 15020.
+
+It authenticates to the control plane with its node's credential (the runtime passes the file
+in `MESHWAY_CREDENTIALS`), and asks the CA for the identity of its Gateway's service account:
+`spiffe://<trust domain>/ns/<namespace>/sa/<gateway name>`, the identity source node proxies
+expect of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from meshway.api.v1 import address_pb2, route_pb2
+from meshway.hbone.pool import HboneConnectionPool
+from meshway.hbone.server import HboneServer
+from meshway.hbone.tls import WorkloadCredentials
+from meshway.identity.caclient import CaClient
+from meshway.identity.spiffe import SpiffeId
+from meshway.node.admin import ADMIN_PORT, METRICS_PORT, READINESS_PORT, NodeAdmin
+from meshway.node.certificates import CertificateManager
+from meshway.node.inpod import PodNetns
+from meshway.node.state import ProxyState, workload_identity
+from meshway.telemetry.metrics import WaypointMetrics
+from meshway.waypoint.messages import ByteStream, TcpStream
+from meshway.waypoint.proxy import WaypointDataPath
+from meshway.waypoint.routing import RouteTable
+from meshway.waypoint.upstream import Endpoint, UpstreamPool
+from meshway.xds.client import Update, XdsClient
+from meshway.xds.types import ROUTE_TYPE, waypoint_types
+
+log = logging.getLogger(__name__)
+
+HBONE_PORT = 15008
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+
+@dataclass
+class WaypointConfig:
+    namespace: str
+    name: str
+    xds_address: str
+    token: str
+    trust_bundle: bytes
+    node: str
+    cluster_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    cert_lifetime: timedelta | None = None
+    access_log: bool = True
+    listen_host: str = "0.0.0.0"
+    # The pod network namespace the waypoint's sockets live in (None: the process's own).
+    netns: Path | None = None
+
+
+class Waypoint:
+    def __init__(self, config: WaypointConfig) -> None:
+        self.config = config
+        self.metrics = WaypointMetrics()
+        self.state = ProxyState(config.node)
+        self.routes: dict[str, Any] = {}
+        self.xds = XdsClient(
+            config.xds_address,
+            f"waypoint~{config.namespace}/{config.name}",
+            waypoint_types(),
+            token=config.token,
+            root_certificates=config.trust_bundle,
+        )
+        self.ca = CaClient(config.xds_address, config.token, config.trust_bundle)
+        self.certs = CertificateManager(self.ca, self.metrics, config.cert_lifetime)  # type: ignore[arg-type]
+        self.identity = SpiffeId(DEFAULT_TRUST_DOMAIN, config.namespace, config.name)
+        self.hbone_pool = HboneConnectionPool()
+        self.upstream = UpstreamPool(self._open)
+        service = f"{config.namespace}/{config.name}.{config.namespace}.svc.{config.cluster_domain}"
+        self.datapath = WaypointDataPath(
+            (config.namespace, config.name),
+            service,
+            self.state,
+            self.metrics,
+            lambda: self.identity,
+            self.upstream,
+            root_namespace=config.root_namespace,
+            access_log_enabled=config.access_log,
+        )
+        self.server: HboneServer | None = None
+        self.netns = PodNetns(config.netns) if config.netns is not None else None
+        self.ready = asyncio.Event()
+        self._routes_changed = False
+        self.xds.subscribe(self._on_update)
+
+    # -- NodeAdmin's view ------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        if self.server is not None:
+            for reason, count in self.server.errors.items():
+                self.metrics.hbone_errors.labels(reason=reason).set(count)
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "gateway": f"{self.config.namespace}/{self.config.name}",
+            "identity": self.identity.uri,
+            "certificates": self.certs.dump(),
+            "routes": sorted(self.routes),
+            "policies": sorted(self.state.policies),
+            "services": sorted(self.state.services),
+            "connections": {
+                "downstream": self.server.active_connections if self.server else 0,
+            },
+        }
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _on_update(self, update: Update) -> None:
+        if update.type_url == ROUTE_TYPE:
+            for name in update.removed:
+                self.routes.pop(name, None)
+            for name, message in update.updated.items():
+                try:
+                    self.routes[name] = _route_model(message)
+                except (ValueError, pydantic.ValidationError) as exc:
+                    log.warning("route %s ignored: %s", name, exc)
+            self._routes_changed = True
+        else:
+            self.state.apply(update)
+        table = None
+        if self._routes_changed:
+            table = RouteTable.build(self.routes.values(), self.config.cluster_domain)
+            self._routes_changed = False
+        self.datapath.update(table)
+        own = self.state.workloads.get(f"{self.config.namespace}/{self.config.name}")
+        if own is not None and own.trust_domain and own.trust_domain != self.identity.trust_domain:
+            self.identity = SpiffeId(own.trust_domain, self.config.namespace, self.config.name)
+
+    def _creds(self) -> WorkloadCredentials:
+        creds = self.certs.current(self.identity)
+        if creds is None:
+            raise RuntimeError("no certificate yet")
+        return creds
+
+    async def _connect(self, address: tuple[str, int]) -> socket.socket:
+        if self.netns is not None:
+            return await self.netns.connect(address)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _open(self, endpoint: Endpoint) -> ByteStream:
+        wl = endpoint.workload
+        address = (endpoint.ip, endpoint.port)
+        if wl.tunnel_protocol != address_pb2.HBONE:  # not in the mesh: plain TCP
+            reader, writer = await asyncio.open_connection(sock=await self._connect(address))
+            return TcpStream(reader, writer)
+
+        async def dial() -> socket.socket:
+            return await self._connect((endpoint.ip, HBONE_PORT))
+
+        return await self.hbone_pool.open_stream(
+            self._creds(),
+            workload_identity(wl),
+            endpoint.ip,
+            HBONE_PORT,
+            f"{endpoint.ip}:{endpoint.port}",
+            dial=dial,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, listener: socket.socket) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.xds.run())
+            await self.xds.wait_synced(None)
+            self.datapath.update(RouteTable.build(self.routes.values(), self.config.cluster_domain))
+            await self.certs.get(self.identity)
+            self.certs.retain({self.identity})
+            tg.create_task(self.certs.run())
+            self.server = HboneServer(listener, self._creds, self.datapath.handle_tunnel)
+            self.ready.set()
+            log.info(
+                "waypoint %s/%s serving HBONE on %s as %s",
+                self.config.namespace,
+                self.config.name,
+                self.server.address,
+                self.identity.uri,
+            )
+            tg.create_task(self.server.serve())
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+        await self.upstream.close()
+        await self.hbone_pool.close()
+        await self.xds.close()
+        await self.ca.close()
+        if self.netns is not None:
+            self.netns.close()
+
+
+def _route_model(message: route_pb2.Route) -> Any:
+    """The HTTPRoute or GRPCRoute a Route resource carries, validated by the same model the
+    control plane validated it with (the xDS validator has checked it already)."""
+    from meshway.config.model import KINDS
+
+    return KINDS[message.kind].model_validate(json.loads(message.resource_json))
+
+
+async def _listen(netns: PodNetns | None, host: str, port: int) -> socket.socket:
+    if netns is not None:
+        return await netns.listen(host, port)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def run_waypoint(config: WaypointConfig) -> None:
+    waypoint = Waypoint(config)
+    admin = NodeAdmin(waypoint)  # type: ignore[arg-type]
+    netns = waypoint.netns
+    sockets = {
+        METRICS_PORT: await _listen(netns, "0.0.0.0", METRICS_PORT),
+        READINESS_PORT: await _listen(netns, "0.0.0.0", READINESS_PORT),
+        ADMIN_PORT: await _listen(netns, "127.0.0.1", ADMIN_PORT),
+    }
+    await admin.start(sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    listener = await _listen(netns, config.listen_host, HBONE_PORT)
+    runner = asyncio.create_task(waypoint.run(listener))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            runner.result()
+    finally:
+        runner.cancel()
+        stopper.cancel()
+        with contextlib.suppress(BaseException):
+            await runner
+        await waypoint.close()
+        await admin.stop()
+        log.info("waypoint %s/%s stopped", config.namespace, config.name)

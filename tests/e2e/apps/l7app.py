@@ -1,0 +1,135 @@
+"""Test applications for the waypoint's end-to-end tests, run inside pods.
+
+l7app.py http PORT VERSION   an HTTP/1.1 server (aiohttp): JSON echo of each request,
+                             /slow (2 s), /flaky/KEY (503 twice, then 200), /ws (WebSocket echo)
+l7app.py grpc PORT           a gRPC server (grpcio, generic handlers): demo.Echo/Say (unary),
+                             demo.Echo/Count (server streaming), demo.Echo/Fail (NOT_FOUND)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import sys
+
+
+def http(port: int, version: str) -> None:
+    from aiohttp import web
+
+    flaky: collections.Counter[str] = collections.Counter()
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        data = {
+            "version": version,
+            "method": request.method,
+            "path": request.path_qs,
+            "host": request.host,
+            "http_version": f"{request.version.major}.{request.version.minor}",
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "body_bytes": len(body),
+        }
+        return web.json_response(data, headers={"x-version": version})
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(2)
+        return web.Response(text=f"{version} slow\n")
+
+    async def flaky_handler(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        flaky[key] += 1
+        if flaky[key] <= 2:
+            return web.Response(status=503, text=f"failure {flaky[key]}\n")
+        return web.Response(text=f"{version} ok after {flaky[key]} tries\n")
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            await sock.send_str(f"{version}:{msg.data}")
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    app.router.add_get("/slow", slow)
+    app.router.add_route("*", "/flaky/{key}", flaky_handler)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    web.run_app(app, host="0.0.0.0", port=port, print=None, access_log=None)
+
+
+def grpc_server(port: int) -> None:
+    import grpc
+
+    def say(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"hello " + request
+
+    def count(request: bytes, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
+        for i in range(int(request or b"3")):
+            yield str(i).encode()
+
+    def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "demo.Echo",
+        {
+            "Say": grpc.unary_unary_rpc_method_handler(say),
+            "Count": grpc.unary_stream_rpc_method_handler(count),
+            "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        },
+    )
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"0.0.0.0:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def grpc_client(target: str) -> None:
+    """Prints one JSON line with the results of the three calls."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        say = channel.unary_unary("/demo.Echo/Say")
+        count = channel.unary_stream("/demo.Echo/Count")
+        fail = channel.unary_unary("/demo.Echo/Fail")
+        result: dict[str, object] = {"say": say(b"mesh", timeout=5).decode()}
+        result["count"] = [m.decode() for m in count(b"4", timeout=5)]
+        try:
+            fail(b"", timeout=5)
+            result["fail"] = "no error"
+        except grpc.RpcError as exc:
+            result["fail"] = [exc.code().name, exc.details()]
+    print(json.dumps(result))
+
+
+def ws_client(url: str) -> None:
+    import aiohttp
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            replies = []
+            for word in ("one", "two", "three"):
+                await ws.send_str(word)
+                replies.append(await ws.receive_str())
+            print(json.dumps(replies))
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "http":
+        http(int(sys.argv[2]), sys.argv[3])
+    elif mode == "grpc":
+        grpc_server(int(sys.argv[2]))
+    elif mode == "grpc-client":
+        grpc_client(sys.argv[2])
+    elif mode == "ws-client":
+        ws_client(sys.argv[2])
+    else:
+        raise SystemExit(__doc__)
