@@ -1,0 +1,132 @@
+"""The waypoint's data path without processes: which tunnels it accepts, how it picks
+endpoints and what it logs."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import uuid
+
+import pytest
+
+from meshway.api.v1 import address_pb2
+from meshway.identity.spiffe import SpiffeId
+from meshway.node.state import ProxyState
+from meshway.telemetry.metrics import WaypointMetrics
+from meshway.waypoint.messages import Request
+from meshway.waypoint.proxy import AccessLog, WaypointDataPath, request_id, upstream_http2
+from meshway.waypoint.upstream import UpstreamPool
+from meshway.xds.client import Update
+from meshway.xds.types import ADDRESS_TYPE
+
+pytestmark = pytest.mark.unit
+
+WAYPOINT = "shop/waypoint.shop.svc.cluster.local"
+
+
+def _ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def _service(name: str, vip: str, waypoint: str | None) -> address_pb2.Address:
+    svc = address_pb2.Service(
+        name=name,
+        namespace="shop",
+        hostname=f"{name}.shop.svc.cluster.local",
+        addresses=[address_pb2.NetworkAddress(address=_ip(vip))],
+        ports=[address_pb2.ServicePort(service_port=80, target_port=8080, app_protocol="http")],
+    )
+    if waypoint:
+        svc.waypoint.service = waypoint
+    return address_pb2.Address(service=svc)
+
+
+def _workload(name: str, ip: str, service: str) -> address_pb2.Address:
+    wl = address_pb2.Workload(
+        uid=f"shop/{name}",
+        name=name,
+        namespace="shop",
+        addresses=[_ip(ip)],
+        service_account=name,
+        trust_domain="cluster.local",
+        tunnel_protocol=address_pb2.HBONE,
+    )
+    wl.services[f"shop/{service}.shop.svc.cluster.local"].ports.append(
+        address_pb2.PortMapping(service_port=80, target_port=8080)
+    )
+    return address_pb2.Address(workload=wl)
+
+
+def datapath() -> WaypointDataPath:
+    state = ProxyState("node-1")
+    resources = {
+        "shop/web.shop.svc.cluster.local": _service("web", "10.96.0.10", WAYPOINT),
+        "shop/db.shop.svc.cluster.local": _service("db", "10.96.0.11", None),
+        "shop/api.shop.svc.cluster.local": _service("api", "10.96.0.12", "shop/other.shop.svc.x"),
+        "shop/web-1": _workload("web-1", "10.244.1.2", "web"),
+        "shop/web-2": _workload("web-2", "10.244.1.3", "web"),
+    }
+    state.apply(Update(ADDRESS_TYPE, "1", resources, frozenset()))
+
+    async def never(_: object) -> object:
+        raise AssertionError("no upstream in these tests")
+
+    return WaypointDataPath(
+        ("shop", "waypoint"),
+        WAYPOINT,
+        state,
+        WaypointMetrics(),
+        lambda: SpiffeId("cluster.local", "shop", "waypoint"),
+        UpstreamPool(never),  # type: ignore[arg-type]
+    )
+
+
+def test_only_destinations_that_use_this_waypoint_are_accepted() -> None:
+    dp = datapath()
+    web = dp.destination("10.96.0.10", 80)
+    assert web is not None and web.service is not None and web.app_protocol == "http"
+    assert dp.destination("10.96.0.11", 80) is None  # no waypoint: not ours to serve
+    assert dp.destination("10.96.0.12", 80) is None  # another waypoint's
+    assert dp.destination("10.96.0.10", 81) is None  # not a port of the service
+    assert dp.destination("10.244.1.2", 8080) is None  # the workload does not use it
+    assert dp.destination("192.0.2.1", 80) is None  # unknown: never an open relay
+
+
+def test_endpoints_round_robin_to_target_ports() -> None:
+    dp = datapath()
+    web = dp.destination("10.96.0.10", 80)
+    assert web is not None
+    picked = [dp.pick_endpoint(web.service, None, 80) for _ in range(4)]
+    assert [(e.ip, e.port) for e in picked if e] == [
+        ("10.244.1.2", 8080),
+        ("10.244.1.3", 8080),
+        ("10.244.1.2", 8080),
+        ("10.244.1.3", 8080),
+    ]
+    assert dp.pick_endpoint(web.service, None, 443) is None
+
+
+def test_upstream_protocol_follows_the_port_then_the_client() -> None:
+    h2 = Request("GET", "/", "a", protocol="HTTP/2")
+    h1 = Request("GET", "/", "a")
+    assert upstream_http2("grpc", h1) and not upstream_http2("http", h2)
+    assert upstream_http2("", h2) and not upstream_http2("", h1)
+
+
+def test_request_ids_are_version_4_uuids_and_differ() -> None:
+    ids = {request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in ids)
+
+
+async def test_access_log_batches_lines_per_loop_turn() -> None:
+    out = io.StringIO()
+    log = AccessLog(out)
+    log.write(json.dumps({"a": 1}))
+    log.write(json.dumps({"a": 2}))
+    assert out.getvalue() == ""  # nothing written until the loop turns
+    log.flush()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert [json.loads(line.split("meshway.access: ", 1)[1])["a"] for line in lines] == [1, 2]
