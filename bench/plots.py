@@ -19,8 +19,17 @@ LABELS = {
     "ambient": "Meshway ambient",
     "sidecar": "Meshway sidecars",
     "haproxy": "HAProxy sidecars",
+    "waypoint": "Meshway waypoint",
+    "haproxy-http": "HAProxy http sidecars",
 }
-COLORS = {"no-mesh": "#9e9e9e", "ambient": "#1f77b4", "sidecar": "#6baed6", "haproxy": "#ff7f0e"}
+COLORS = {
+    "no-mesh": "#9e9e9e",
+    "ambient": "#1f77b4",
+    "sidecar": "#6baed6",
+    "haproxy": "#ff7f0e",
+    "waypoint": "#2ca02c",
+    "haproxy-http": "#d62728",
+}
 
 
 def dataplane(result: dict, out: Path) -> None:
@@ -37,7 +46,7 @@ def dataplane(result: dict, out: Path) -> None:
             lambda s: summary[s]["c50"].get("proxy_cpu_s_per_1000_req", 0.0),
         ),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for ax, (title, value) in zip(axes.flat, panels, strict=True):
         values = [value(s) for s in scenarios]
         bars = ax.bar([LABELS[s] for s in scenarios], values, color=[COLORS[s] for s in scenarios])

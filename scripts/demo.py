@@ -63,6 +63,18 @@ def call_frontend() -> str:
     )
 
 
+def show_access_log(path: Path, last: int = 2) -> None:
+    """The waypoint's last access-log lines, shortened."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    entries = [json.loads(ln.split("meshway.access: ", 1)[1]) for ln in lines if "access: " in ln]
+    for e in entries[-last:]:
+        print(
+            f"   waypoint: {e.get('method')} {e.get('path')} -> {e.get('response_code')} "
+            f"{e.get('response_flags')}  from {e.get('source_principal')} "
+            f"to {e.get('upstream_host')} ({e.get('duration_ms')} ms)"
+        )
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("the demo creates network namespaces: run it as root", file=sys.stderr)
@@ -165,6 +177,31 @@ def main() -> int:
 
         say("Remove the policy: the call works again")
         run("meshway", "delete", "-f", str(policy))
+        time.sleep(1.0)
+        call_frontend()
+
+        say("Add a waypoint for L7: the control plane deploys it, the namespace uses it")
+        run("meshway", "waypoint", "apply", "-n", "shop", "--enroll-namespace", "--wait")
+        run("meshway", "waypoint", "list", "-n", "shop")
+        time.sleep(1.0)
+        call_frontend()
+        waypoint_log = state / "clusters" / CLUSTER / "logs" / "shop.waypoint.log"
+        show_access_log(waypoint_log)
+
+        say("L7 policy at the waypoint: only the frontend, only GET /")
+        l7 = ROOT / "examples" / "demo" / "l7-policy.yaml"
+        run("meshway", "apply", "-f", str(l7))
+        time.sleep(1.0)
+        call_frontend()
+        run(
+            "meshway", "exec", "shop/client", "--", "curl", "-s", "-w", "  (HTTP %{http_code})\n",
+            "--max-time", "5", "http://backend:8080/", check=False,
+        )  # fmt: skip
+        show_access_log(waypoint_log)
+
+        say("Remove the waypoint: traffic goes straight to the backend again")
+        run("meshway", "delete", "-f", str(l7))
+        run("meshway", "waypoint", "delete", "-n", "shop")
         time.sleep(1.0)
         call_frontend()
         return 0

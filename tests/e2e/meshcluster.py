@@ -86,6 +86,11 @@ class Cluster:
             ["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, timeout=30
         ).stdout
 
+    def in_pod_netns(self, netns: str, *cmd: str) -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, timeout=30
+        ).stdout
+
     def apply(self, text: str) -> None:
         path = self.state / f"apply-{secrets.token_hex(4)}.yaml"
         path.write_text(text)

@@ -54,12 +54,28 @@ def test_dataplane_quick(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "dataplane.json").read_text())
-    for scenario in ("no-mesh", "ambient", "sidecar", "haproxy"):
+    scenarios = ("no-mesh", "ambient", "sidecar", "haproxy", "waypoint", "haproxy-http")
+    assert set(result["summary"]) == set(scenarios)
+    for scenario in scenarios:
         figures = result["summary"][scenario]
         assert figures["c1"]["rps"] > 0 and figures["c50"]["rps"] > 0, scenario
         assert figures["churn"]["connections_per_s"] > 0, scenario
         assert figures["bulk"]["gbit_per_s"] > 0, scenario
         assert figures["rate1000"]["p90_ms"] > 0 and figures["rate1000"]["achieved_rps"] > 0
-    for scenario in ("ambient", "sidecar", "haproxy"):
+    for scenario in scenarios[1:]:
         assert result["summary"][scenario]["c50"]["proxy_cpu_s_per_1000_req"] > 0, scenario
+        assert result["summary"][scenario]["rate1000"]["rss_mb_per_proxy"] > 0, scenario
+    waypoint = result["summary"]["waypoint"]
+    assert waypoint["c50"]["waypoint_cpu_s_per_1000_req"] > 0
+    assert waypoint["rate1000"]["waypoint_vcpu"] > 0 and waypoint["rate1000"]["waypoint_rss_mb"] > 0
+    assert result["waypoint_node"] in ("node-1", "node-2")
+    assert {
+        "waypoint_rps_c50_vs_haproxy_http",
+        "waypoint_vcpu_at_1000rps",
+        "waypoint_rss_mb_at_1000rps",
+        "waypoint_added_p50_c1_vs_haproxy_http",
+        "waypoint_added_p90_at_1000rps_vs_haproxy_http",
+    } <= set(result["ratios"])
     assert all(r["value"] is not None for r in result["ratios"].values())
+    report = (tmp_path / "dataplane.md").read_text()
+    assert "Meshway waypoint" in report and "HAProxy http sidecars" in report

@@ -451,7 +451,7 @@ def test_admin_endpoints(cli: Cli, controlplane: ControlPlaneProcess, tmp_path: 
         f"{base}/debug/config", headers={"Authorization": f"Bearer {controlplane.token}"}
     ).json()
     assert config["trustDomain"] == "cluster.local" and config["nodes"] == ["node-1"]
-    assert config["xds"][ADDRESS_TYPE] == 8  # 4 workloads + 4 services
+    assert config["xds"][ADDRESS_TYPE] == 10  # 5 workloads + 5 services (one of each: the waypoint)
 
 
 def test_endpoints_follow_selectors(cli: Cli) -> None:

@@ -108,11 +108,17 @@ def test_waypoint_apply_runs_it_and_delete_removes_it(cluster: Cluster) -> None:
     namespace = get_json(cluster, "ns", "shop")
     assert namespace["metadata"]["labels"]["istio.io/use-waypoint"] == "waypoint"
 
-    # The runtime starts it in the pod's network namespace, with the node's credential file.
+    # The runtime starts it beside the pod (like a node proxy: it must reach the control
+    # plane), with its sockets in the pod's network namespace and the node's credential file.
     netns = names.pod_ns("shop", "waypoint")
-    cluster.wait(lambda s: "shop/waypoint" in s["pods"])
-    cmdline, env = started_process(netns)
+    state = cluster.wait(lambda s: (s["pods"].get("shop/waypoint") or {}).get("pid"))
+    pid = state["pods"]["shop/waypoint"]["pid"]
+    cmdline, environ = proc_file(pid, "cmdline"), proc_file(pid, "environ")
+    env = dict(item.split("=", 1) for item in environ if "=" in item)
     assert cmdline[1:5] == ["-m", "meshway.waypoint", "--gateway", "shop/waypoint"]
+    assert env["MESHWAY_NETNS"] == str(host.NETNS_DIR / netns)
+    # It serves HBONE inside the pod's namespace, and its Gateway becomes Programmed.
+    cluster.eventually(lambda: ":15008 " in cluster.in_pod_netns(netns, "ss", "-ltn"), seconds=30)
     credentials = Path(env["MESHWAY_CREDENTIALS"])
     assert credentials == cluster.directory / "nodes" / f"{node}.yaml"
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
@@ -130,7 +136,15 @@ def test_waypoint_apply_runs_it_and_delete_removes_it(cluster: Cluster) -> None:
         "items"
     ]
     assert (row["node"], row["address"]) == (node, service["spec"]["clusterIP"])
-    assert row["programmed"] in ("True", "False (Pending)")
+    cluster.eventually(
+        lambda: (
+            json.loads(cluster.meshway("waypoint", "list", "-n", "shop", "-o", "json").stdout)[
+                "items"
+            ][0]["programmed"]
+            == "True"
+        ),
+        seconds=30,
+    )
 
     # The user cannot remove the waypoint's parts by hand ...
     refused = cluster.meshway("delete", "svc", "waypoint", "-n", "shop", check=False)

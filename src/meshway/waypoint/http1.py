@@ -64,11 +64,11 @@ class _RequestError(Exception):
         self.status = status
 
 
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
 def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
+    return _REASONS.get(status, b"Unknown")
 
 
 def _head(first_line: bytes, headers: Headers) -> bytearray:

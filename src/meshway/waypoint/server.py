@@ -203,6 +203,7 @@ class Waypoint:
             self.server.close()
             with contextlib.suppress(Exception):
                 await self.server.wait_closed()
+        self.datapath.access_log.flush()
         await self.upstream.close()
         await self.hbone_pool.close()
         await self.xds.close()

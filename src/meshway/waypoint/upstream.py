@@ -33,6 +33,8 @@ class Endpoint:
     workload: address_pb2.Workload
     ip: str
     port: int
+    # The workload's SPIFFE ID as a URI, for telemetry (computed once per endpoint).
+    principal: str = "unknown"
 
     @property
     def key(self) -> tuple[str, int]:
