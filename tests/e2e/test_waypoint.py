@@ -409,3 +409,29 @@ def test_removing_the_waypoint_label_sends_traffic_direct(mesh: Cluster) -> None
     reply = curl(mesh, f"{WEB}/again")
     assert reply["code"] == 200
     assert any(e.get("path") == "/again" for e in access_log(mesh))
+
+
+def test_selector_policies_stay_at_the_node_proxy_which_sees_the_waypoint(mesh: Cluster) -> None:
+    """A `selector` policy is enforced by the destination's node proxy, and the identity it
+    sees is the waypoint's, not the client's (BRIEF §3): allowing only the waypoint keeps the
+    path open; allowing only the client closes it."""
+
+    def selector_policy(principal: str) -> str:
+        return textwrap.dedent(f"""\
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {{name: web-l4, namespace: shop}}
+            spec:
+              selector: {{matchLabels: {{app: web}}}}
+              action: ALLOW
+              rules: [{{from: [{{source: {{principals: ["{principal}"]}}}}]}}]
+            """)
+
+    with apply_temporarily(mesh, selector_policy("cluster.local/ns/shop/sa/waypoint")):
+        assert curl(mesh, f"{WEB}/via-waypoint")["code"] == 200
+    with apply_temporarily(mesh, selector_policy("cluster.local/ns/shop/sa/client")):
+        refused = curl(mesh, f"{WEB}/l4-denied")
+    assert refused["code"] == 503, refused
+    entry = next(e for e in reversed(access_log(mesh)) if e.get("path") == "/l4-denied")
+    assert entry["response_flags"] in ("UF", "URX")
+    assert curl(mesh, f"{WEB}/after")["code"] == 200

@@ -8,13 +8,20 @@ import pytest
 
 from meshway.api.v1 import authorization_pb2 as pb
 from meshway.identity.spiffe import SpiffeId
-from meshway.policy.waypoint import RequestContext, WaypointPolicyIndex, normalize_path
+from meshway.policy.authorization import Connection, evaluate_authorization
+from meshway.policy.waypoint import (
+    RequestContext,
+    WaypointPolicyIndex,
+    normalize_path,
+    normalize_target,
+)
 
 pytestmark = pytest.mark.unit
 
 CLIENT = SpiffeId("cluster.local", "shop", "client")
 OTHER = SpiffeId("cluster.local", "other", "robot")
 GATEWAY = ("shop", "waypoint")
+GATEWAY_GROUP = "gateway.networking.k8s.io"
 
 
 def request(
@@ -88,6 +95,13 @@ def rule(
             )
         )
     out.when.extend(when or [])
+    return out
+
+
+def from_source(**fields: list[str]) -> pb.Rule:
+    """A rule with one `from` entry (`from` is a Python keyword, hence the helper)."""
+    out = pb.Rule()
+    getattr(out, "from").append(pb.Source(**fields))
     return out
 
 
@@ -195,4 +209,127 @@ def test_unevaluable_attributes_fail_closed() -> None:
     assert not decide([custom], request())
 
 
-GATEWAY_GROUP = "gateway.networking.k8s.io"
+def test_target_refs_kinds_groups_and_namespaces() -> None:
+    def applies(target: tuple[str, str, str], namespace: str = "shop") -> bool:
+        deny = policy("p", pb.DENY, rule(), target=target, namespace=namespace)
+        return not decide([deny], request())
+
+    assert applies(("core", "Service", "web"))
+    assert not applies(("apps", "Service", "web"))  # not the core group
+    assert not applies(("", "Gateway", "waypoint"))  # a Gateway is in the Gateway API group
+    assert not applies((GATEWAY_GROUP, "Gateway", "other-waypoint"))
+    assert not applies((GATEWAY_GROUP, "Gateway", "waypoint"), namespace="other")
+    # Only the root namespace may attach to every waypoint through their GatewayClass.
+    assert applies((GATEWAY_GROUP, "GatewayClass", "istio-waypoint"), namespace="istio-system")
+    assert not applies((GATEWAY_GROUP, "GatewayClass", "istio-waypoint"))
+    assert not applies((GATEWAY_GROUP, "GatewayClass", "other-class"), namespace="istio-system")
+    cross_namespace = policy("p", pb.DENY, rule(), namespace="other")
+    cross_namespace.target_refs[0].namespace = "shop"  # a policy cannot reach into another ns
+    assert decide([cross_namespace], request())
+
+
+def test_decisions_name_the_policy_and_say_why() -> None:
+    allow = policy("get-only", pb.ALLOW, rule(methods=["GET"]))
+    index = WaypointPolicyIndex([allow], GATEWAY)
+    allowed = index.policy_set("shop", "web").evaluate(request("GET"))
+    assert (allowed.allowed, allowed.policy) == (True, "shop/get-only")
+    denied = index.policy_set("shop", "web").evaluate(request("POST"))
+    assert (denied.allowed, denied.policy) == (False, None)
+    assert "shop/get-only" in denied.reason
+    assert index.policy_set("shop", "api").empty  # the policy targets web only
+    custom = policy("ext-authz", pb.CUSTOM, rule(methods=["GET"]))
+    verdict = WaypointPolicyIndex([custom, allow], GATEWAY).policy_set("shop", "web")
+    decision = verdict.evaluate(request("GET"))
+    assert (decision.allowed, decision.policy) == (False, "shop/ext-authz")
+    assert "not supported" in decision.reason
+
+
+def test_host_wildcards_and_not_hosts() -> None:
+    suffix = policy("suffix", pb.ALLOW, rule(hosts=["*.shop.svc.cluster.local"]))
+    assert decide([suffix], request(host="web.shop.svc.cluster.local:8080"))
+    assert not decide([suffix], request(host="web.other.svc.cluster.local"))
+    with_port = policy("port", pb.ALLOW, rule(hosts=["web.shop.svc.cluster.local:*"]))
+    assert decide([with_port], request(host="web.shop.svc.cluster.local:80"))
+    assert not decide([with_port], request(host="web.shop.svc.cluster.local"))
+    not_hosts = pb.Rule(to=[pb.Operation(not_hosts=["web", "web.shop.svc.cluster.local"])])
+    deny = policy("foreign-host", pb.DENY, not_hosts)
+    assert decide([deny], request(host="Web:8080"))
+    assert not decide([deny], request(host="evil.example"))
+
+
+def test_methods_and_not_methods() -> None:
+    deny = policy("read-only", pb.DENY, pb.Rule(to=[pb.Operation(not_methods=["GET", "HEAD"])]))
+    assert decide([deny], request("HEAD"))
+    assert not decide([deny], request("DELETE"))
+    assert not decide([deny], request("head"))  # case-sensitive, so not HEAD
+
+
+def test_header_conditions_name_case_presence_and_not_values() -> None:
+    present = policy(
+        "has-token",
+        pb.ALLOW,
+        rule(when=[pb.Condition(key="request.headers[X-Token]", values=["*"])]),
+    )
+    assert decide([present], request(headers=[("x-token", "")]))
+    assert not decide([present], request(headers=[("x-other", "1")]))
+    no_debug = pb.Condition(key="request.headers[x-debug]", not_values=["off", "n*"])
+    deny = policy("debug", pb.DENY, rule(paths=["/api/*"], when=[no_debug]))
+    assert decide([deny], request(target="/api/a", headers=[("x-debug", "no")]))
+    assert not decide([deny], request(target="/api/a", headers=[("x-debug", "on")]))
+    assert decide([deny], request(target="/other", headers=[("x-debug", "on")]))
+
+
+def test_source_ip_and_service_accounts_of_the_original_client() -> None:
+    blocks = from_source(ip_blocks=["10.0.0.0/24"])
+    assert decide([policy("net", pb.ALLOW, blocks)], request(identity=None))
+    accounts = from_source(service_accounts=["client", "other/robot"])
+    by_account = policy("sa", pb.ALLOW, accounts)
+    assert decide([by_account], request())  # "client" is in the policy's namespace
+    assert decide([by_account], request(identity=OTHER))
+    assert not decide([by_account], request(identity=SpiffeId("cluster.local", "other", "x")))
+    not_principals = from_source(not_principals=["*/ns/shop/sa/client"])
+    deny = policy("not-client", pb.DENY, not_principals)
+    assert decide([deny], request())
+    assert not decide([deny], request(identity=None))  # plaintext has no principal to be
+
+
+def test_node_proxy_still_fails_closed_on_l7_attributes() -> None:
+    """The node proxy cannot see HTTP: the same rules that the waypoint decides per request
+    deny at L4 (ALLOW never matches, DENY matches everything)."""
+    conn = Connection(
+        ipaddress.ip_address("10.0.0.5"),
+        CLIENT,
+        ipaddress.ip_address("10.96.0.10"),
+        80,
+        "shop",
+    )
+    get_only, no_admin = rule(methods=["GET"]), rule(paths=["/admin*"])
+    for action, l7_rule in ((pb.ALLOW, get_only), (pb.DENY, no_admin)):
+        selected = pb.Authorization(
+            name="l4", namespace="shop", scope=pb.WORKLOAD_SELECTOR, action=action, rules=[l7_rule]
+        )
+        decision = evaluate_authorization([selected], conn)
+        assert not decision.allowed
+        # The waypoint leaves selector policies to the node proxy ...
+        assert WaypointPolicyIndex([selected], GATEWAY).policy_set("shop", "web").empty
+        # ... and decides the same rules per request when they are attached with targetRefs.
+        assert decide([policy("l7", action, l7_rule)], request("GET", "/public"))
+    # A targetRefs policy is the waypoint's: the node proxy does not enforce it.
+    attached = policy("l7", pb.DENY, no_admin)
+    assert evaluate_authorization([attached], conn).allowed
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/admin/x/..", "/admin/.", "/public/%2e%2e/admin/users", "/public/%2E%2E/admin/", "//admin/"],
+)
+def test_dot_segments_and_encoded_dots_cannot_get_past_a_deny(target: str) -> None:
+    deny = policy("no-admin", pb.DENY, rule(paths=["/admin/*"]))
+    assert not decide([deny], request(target=target)), normalize_path(target)
+
+
+def test_the_forwarded_target_is_the_checked_one() -> None:
+    assert normalize_target("/public/../admin?x=/..") == "/admin?x=/.."
+    assert normalize_target("/plain?q=1") == "/plain?q=1"
+    assert normalize_target("http://h:80/a/./b") == "http://h:80/a/b"
+    assert normalize_target("*") == "*"

@@ -18,21 +18,26 @@ Semantics follow Istio's (istio.io "Authorization Policy" reference):
   condition match; the fields of one entry are AND'ed. A rule with nothing matches everything,
   a policy without rules matches nothing.
 - Strings: exact, `*`, `prefix*`, `*suffix`. Paths are matched without the query string, after
-  the normalization Istio applies by default (BASE: RFC 3986 dot segments removed) plus
-  merging of repeated slashes. Hosts are matched case-insensitively, with and without the port.
+  the normalization Envoy applies by default in Istio (`%2E` decoded, RFC 3986 dot segments
+  removed, keeping a final slash) plus merging of repeated slashes; the waypoint forwards that
+  normalized path, so the backend serves the path the policy checked. Hosts are matched
+  case-insensitively, with and without the port: a deliberate difference from Istio, which
+  matches the `Host` exactly and asks users to write `host:*` for a port (that form works too).
   Methods are case-sensitive. Header names in `request.headers[...]` are case-insensitive.
 - The identity attributes (principals, namespaces, serviceAccounts, trustDomains) are those of
   the *original client*: the waypoint receives its tunnel from the client's node proxy, which
   presents the client's certificate.
 - `requestPrincipals`, `request.auth.*` and `connection.sni` cannot be evaluated yet (JWT comes
-  with RequestAuthentication): an ALLOW rule naming one never matches, and in DENY and AUDIT
-  the attribute is treated as matching, so such a rule fails closed.
+  with RequestAuthentication): an ALLOW rule naming one never matches; in DENY and AUDIT the
+  whole `from` or `to` entry naming one counts as matching (the other `when` conditions still
+  apply), which fails closed more broadly than the node proxy's dropping of that attribute
+  alone.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import posixpath
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -68,7 +73,10 @@ class RequestContext:
     @property
     def path(self) -> str:
         if self._path is None:
-            self._path = normalize_path(self.target)
+            target = self.target
+            if not target.startswith("/") and "://" in target:  # absolute form
+                target = "/" + target.split("://", 1)[1].partition("/")[2]
+            self._path = normalize_path(target)
         return self._path
 
     def header(self, name: str) -> str | None:
@@ -80,18 +88,52 @@ class RequestContext:
         return self._headers.get(name)
 
 
+_ENCODED_DOT = re.compile("%2e", re.IGNORECASE)
+
+
 def normalize_path(target: str) -> str:
-    """The path of a request target, without query or fragment, dot segments resolved and
-    repeated slashes merged."""
-    path = target.split("?", 1)[0].split("#", 1)[0] or "/"
-    if "//" in path or "/." in path:
-        trailing = path.endswith("/") and len(path) > 1
-        path = posixpath.normpath(path)
-        if path.startswith("//"):  # normpath keeps a leading "//" (POSIX)
-            path = "/" + path.lstrip("/")
-        if trailing and not path.endswith("/"):
-            path += "/"
-    return path
+    """The path of a request target as Envoy's default normalization leaves it: no query or
+    fragment, `%2E` decoded to `.`, repeated slashes merged and dot segments removed as RFC 3986
+    §5.2.4 does (`/a/b/..` is `/a/`, with its final slash)."""
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        path = "/" + path
+    if "%" in path:
+        path = _ENCODED_DOT.sub(".", path)
+    if "//" not in path and "/." not in path:
+        return path
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        elif segment == ".":
+            if last:
+                out.append("")
+        elif segment or last:
+            out.append(segment)
+    return "/" + "/".join(out)
+
+
+def normalize_target(target: str) -> str:
+    """The request target with its path normalized and its query kept: what the waypoint
+    checks, routes and forwards, so that the backend serves the path the policy allowed."""
+    prefix = ""
+    if not target.startswith("/"):
+        scheme, sep, rest = target.partition("://")
+        if not sep or not scheme.isalpha():
+            return target  # "*" (OPTIONS) or something the HTTP parser would not pass on
+        authority, slash, tail = rest.partition("/")
+        prefix, target = f"{scheme}://{authority}", slash + tail
+    path, mark, query = target.partition("?")
+    normalized = normalize_path(path)
+    if normalized == path:
+        return prefix + target
+    return f"{prefix}{normalized}{mark}{query}"
 
 
 Check = Callable[[RequestContext], bool]

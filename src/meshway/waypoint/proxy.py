@@ -42,7 +42,12 @@ from meshway.hbone.server import HboneRequest
 from meshway.identity.spiffe import SpiffeId
 from meshway.node.state import ProxyState, ip_text, workload_identity
 from meshway.policy.authorization import Decision
-from meshway.policy.waypoint import DENIED_BODY, RequestContext, WaypointPolicyIndex
+from meshway.policy.waypoint import (
+    DENIED_BODY,
+    RequestContext,
+    WaypointPolicyIndex,
+    normalize_target,
+)
 from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.http1 import copy_both_ways, serve_h1
 from meshway.waypoint.http2 import serve_h2
@@ -293,6 +298,8 @@ class WaypointDataPath:
 
     async def _serve(self, down: Downstream, request: Request, outcome: Outcome) -> Response:
         dest = down.destination
+        # Policy, routes and the backend all see the same, normalized path.
+        request.path = normalize_target(request.path)
         decision = self._authorize(down, request)
         if not decision.allowed:
             outcome.details = f"rbac_access_denied: {decision.reason}"
