@@ -457,6 +457,18 @@ def test_sidecar_mode_for_one_pod(mesh: Cluster) -> None:
             and outbound[-1]["destination_identity"] == "spiffe://cluster.local/ns/demo/sa/web"
         )
         assert "hybrid" not in json.dumps(mesh.status().get("nodeProxies", {}))
+        # A node proxy that restarts finds the pod captured, by its sidecar: not a leftover.
+        captures = mesh.node_log("node-1").count("capturing pod demo/client")
+        old = mesh.eventually(lambda: mesh.status()["nodeProxies"]["node-1"].get("pid"))
+        os.kill(old, signal.SIGTERM)
+        mesh.eventually(
+            lambda: mesh.node_log("node-1").count("capturing pod demo/client") > captures,
+            seconds=30,
+        )
+        assert "released pod demo/hybrid" not in mesh.node_log("node-1")
+        calls = len(log.read_text().splitlines())
+        assert status(mesh, "demo/hybrid", "http://web/") == "200"
+        assert len(log.read_text().splitlines()) > calls  # still through its sidecar
     finally:
         mesh.delete(doc)
     mesh.eventually(lambda: "demo/hybrid" not in mesh.status().get("sidecars", {}))

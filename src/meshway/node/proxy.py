@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from meshway.api.v1 import address_pb2
+from meshway.config.labels import LABEL_PROXY_MODE, PROXY_MODE_SIDECAR
 from meshway.hbone import HboneConnectionPool, HboneRequest, HboneServer, HboneStream, relay, splice
 from meshway.hbone.errors import HboneError, HboneRefused
 from meshway.hbone.tls import WorkloadCredentials
@@ -164,6 +165,10 @@ class NodeProxy:
                 continue
             if self.config.only_pod is not None and wl.uid != self.config.only_pod:
                 continue  # a sidecar minds its own pod only
+            if self.config.only_pod is None and wl.labels.get(LABEL_PROXY_MODE) == (
+                PROXY_MODE_SIDECAR
+            ):
+                continue  # its capture is its sidecar's, not a leftover of ours
             path = self.config.pod_netns(wl.namespace, wl.name)
             try:
                 netns = PodNetns(path)
