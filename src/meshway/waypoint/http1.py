@@ -26,6 +26,7 @@ from http import HTTPStatus
 import httptools
 
 from meshway.waypoint.messages import (
+    STREAM_ERRORS,
     Body,
     BodyError,
     ByteStream,
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 # Methods whose requests carry no body unless they say so: an empty one gets no Content-Length.
+_BODY_OR_STREAM: tuple[type[Exception], ...] = (BodyError, *STREAM_ERRORS)
+_PARSE_BODY_OR_STREAM: tuple[type[Exception], ...] = (httptools.HttpParserError, *_BODY_OR_STREAM)
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 MAX_PIPELINED = 16
 
@@ -255,7 +258,7 @@ class _H1Server:
             else:
                 await self._fail(400, f"malformed request: {exc}", responder)
             return
-        except (BodyError, ConnectionError, OSError) as exc:
+        except _BODY_OR_STREAM as exc:
             log.debug("HTTP/1.1 connection ended: %s", exc)
         except BaseException:
             responder.cancel()
@@ -339,7 +342,7 @@ class _H1Server:
                 break
         self._closing = True
         if not self._failed:  # after a parse error, `_fail` writes the last response
-            with contextlib.suppress(ConnectionError, OSError):
+            with contextlib.suppress(*STREAM_ERRORS):
                 await self.stream.write_eof()
 
     async def _send(self, request: Request, response: Response, keep_alive: bool) -> bool:
@@ -361,7 +364,7 @@ class _H1Server:
             log.debug("response body failed: %s", exc)
             self.stream.abort()
             return False
-        except (ConnectionError, OSError):
+        except STREAM_ERRORS:
             response.body.cancel()
             return False
         return True
@@ -384,7 +387,7 @@ class _H1Server:
         with contextlib.suppress(BaseException):
             await responder
         response = simple_response(status, text + "\n")
-        with contextlib.suppress(ConnectionError, OSError):
+        with contextlib.suppress(*STREAM_ERRORS):
             head = _head(
                 b"HTTP/1.1 %d %s" % (status, _reason(status)),
                 [*response.headers, ("connection", "close")],
@@ -406,7 +409,7 @@ async def copy_both_ways(a: ByteStream, b: ByteStream, a_leftover: bytes = b"") 
                 await dst.write(data)
                 total += len(data)
             await dst.write_eof()
-        except (ConnectionError, OSError, BodyError):
+        except _BODY_OR_STREAM:
             src.abort()
             dst.abort()
         return total
@@ -497,7 +500,7 @@ class H1ClientConnection:
             else:
                 await self.stream.write(head)
                 sender = asyncio.ensure_future(_write_body(self.stream, bytearray(), body, chunked))
-        except (ConnectionError, OSError) as exc:
+        except STREAM_ERRORS as exc:
             raise UpstreamError(f"upstream write failed: {exc}", connected=True) from exc
         try:
             parse, data = await self._read_head(request, sender)
@@ -541,7 +544,7 @@ class H1ClientConnection:
                         raise UpstreamError("upstream stopped reading the request", connected=True)
                     try:
                         data = await self.stream.read(READ_SIZE)
-                    except (ConnectionError, OSError) as exc:
+                    except STREAM_ERRORS as exc:
                         raise UpstreamError(f"upstream read failed: {exc}", connected=True) from exc
                     if not data:
                         raise UpstreamError("upstream closed the connection", connected=True)
@@ -579,7 +582,7 @@ class H1ClientConnection:
                         return
                     raise BodyError("upstream closed the connection mid-body")
                 parse.parser.feed_data(data)
-        except (httptools.HttpParserError, ConnectionError, OSError, BodyError) as exc:
+        except _PARSE_BODY_OR_STREAM as exc:
             body.fail(exc if isinstance(exc, BodyError) else BodyError(str(exc)))
             self.close()
             if sender is not None:

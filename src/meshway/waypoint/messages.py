@@ -16,7 +16,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from meshway.hbone.errors import HboneError
+
 Headers = list[tuple[str, str]]
+
+# What reading or writing a ByteStream raises when its other end or its tunnel fails: socket
+# errors, and an HBONE tunnel's reset or lost connection.
+STREAM_ERRORS: tuple[type[Exception], ...] = (ConnectionError, OSError, HboneError)
 
 # Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and are never forwarded.
 HOP_BY_HOP = frozenset(
