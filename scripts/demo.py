@@ -63,8 +63,9 @@ def call_frontend() -> str:
     )
 
 
-def show_access_log(path: Path, last: int = 2) -> None:
+def show_access_log(path: Path, last: int = 3) -> None:
     """The waypoint's last access-log lines, shortened."""
+    time.sleep(0.5)  # the waypoint writes its access log in batches, every 100 ms
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     entries = [json.loads(ln.split("meshway.access: ", 1)[1]) for ln in lines if "access: " in ln]
     for e in entries[-last:]:
