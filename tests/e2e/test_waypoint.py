@@ -315,10 +315,21 @@ def test_retries_on_a_failing_backend_only_for_idempotent_requests(mesh: Cluster
           - matches: [{path: {type: PathPrefix, value: /flaky}}]
             retry: {codes: [503], attempts: 3, backoff: 10ms}
             backendRefs: [{name: web-v1, port: 80}]
+          - matches: [{path: {type: PathPrefix, value: /upload}}]
+            retry: {codes: [503], attempts: 3, backoff: 10ms}
+            backendRefs: [{name: web-v1, port: 80}]
         """)
+    upload = mesh.state / "upload.bin"
+    upload.write_bytes(os.urandom(300 * 1024))
     with apply_temporarily(mesh, route):
         ok = curl(mesh, f"{WEB}/flaky/get-{time.time_ns()}")
         posted = curl(mesh, f"{WEB}/flaky/post-{time.time_ns()}", "-X", "POST", "-d", "x")
+        # A chunked body larger than what retries keep is streamed through whole, not retried.
+        chunked = curl(
+            mesh, f"{WEB}/upload", "-H", "Transfer-Encoding: chunked",
+            "--data-binary", f"@{upload}",
+        )  # fmt: skip
+    assert chunked["code"] == 200 and json.loads(chunked["body"])["body_bytes"] == 300 * 1024
     assert ok["code"] == 200 and "ok after 3 tries" in ok["body"], ok
     assert posted["code"] == 503, posted  # POST is not idempotent: not retried
     entry = logged(mesh, lambda e: "/flaky/get-" in (e.get("path") or ""))

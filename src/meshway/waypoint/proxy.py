@@ -447,12 +447,20 @@ class WaypointDataPath:
         replay: bytes | None = None
         if retry is not None and retry.attempts > 0:
             body = request.body
-            if body.length is None or body.length <= RETRY_BUFFER:
+            # Only a body known to be small is kept for re-sending: one of unknown length
+            # could turn out larger halfway through, and what was read could not be put back.
+            small = (
+                body.length if body.length is not None else (body.buffered if body.ended else None)
+            )
+            if small is not None and small <= RETRY_BUFFER:
                 try:
-                    replay = await body.read_all(RETRY_BUFFER)
-                except BodyError:
-                    replay = None
-                    retry = None  # too large to keep: no retries for this request
+                    replay = await body.read_all()
+                except BodyError:  # the client went away while sending it
+                    request.body.cancel()
+                    outcome.flags = "DC"
+                    return simple_response(400, "request body incomplete")
+            else:
+                retry = None  # streamed through: such a request is not retried
         attempt = 0
         while True:
             attempt += 1
