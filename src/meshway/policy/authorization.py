@@ -117,42 +117,68 @@ class _Unevaluable(Exception):
     """An attribute the node proxy cannot evaluate: L7, or a value it cannot parse."""
 
 
+@dataclass(frozen=True, slots=True)
+class Wildcards:
+    """Istio's string patterns, split once: `*` any, `*x` suffix, `x*` prefix, else exact.
+
+    Shared by the node proxy's checks and the waypoint's (`policy/waypoint.py`)."""
+
+    anything: bool
+    exact: frozenset[str]
+    prefixes: tuple[str, ...]
+    suffixes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, values: Iterable[str], *, lower: bool = False) -> Wildcards:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        anything = False
+        for raw in values:
+            value = raw.lower() if lower else raw
+            if value == "*":
+                anything = True
+            elif value.startswith("*"):
+                suffixes.append(value[1:])
+            elif value.endswith("*"):
+                prefixes.append(value[:-1])
+            else:
+                exact.add(value)
+        return cls(anything, frozenset(exact), tuple(prefixes), tuple(suffixes))
+
+    @property
+    def exact_only(self) -> bool:
+        return not (self.anything or self.prefixes or self.suffixes)
+
+    def matches(self, value: str) -> bool:
+        return (
+            self.anything
+            or value in self.exact
+            or value.startswith(self.prefixes)
+            or value.endswith(self.suffixes)
+        )
+
+
 def _string_check(
     get: Callable[[Connection], str | None], values: Iterable[str], negate: bool
 ) -> Check:
-    """Istio's string match: `*` any, `*x` suffix, `x*` prefix, else exact; None never matches."""
-    exact: set[str] = set()
-    prefixes: list[str] = []
-    suffixes: list[str] = []
-    anything = False
-    for value in values:
-        if value == "*":
-            anything = True
-        elif value.startswith("*"):
-            suffixes.append(value[1:])
-        elif value.endswith("*"):
-            prefixes.append(value[:-1])
-        else:
-            exact.add(value)
-    exact_set, prefix_tuple, suffix_tuple = frozenset(exact), tuple(prefixes), tuple(suffixes)
-    if not (anything or prefixes or suffixes):
+    """Istio's string match (`Wildcards`); None never matches."""
+    patterns = Wildcards.of(values)
+    if patterns.exact_only:
+        exact_set = patterns.exact
 
         def check_exact(conn: Connection) -> bool:
             return (get(conn) in exact_set) != negate  # None is in no set of strings
 
         return check_exact
 
+    matches = patterns.matches
+
     def check(conn: Connection) -> bool:
         value = get(conn)
         if value is None:
             return negate
-        hit = (
-            anything
-            or value in exact_set
-            or value.startswith(prefix_tuple)
-            or value.endswith(suffix_tuple)
-        )
-        return hit != negate
+        return matches(value) != negate
 
     return check
 

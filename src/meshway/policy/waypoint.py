@@ -45,7 +45,7 @@ from typing import TypeVar
 
 from meshway.api.v1 import authorization_pb2
 from meshway.identity.spiffe import SpiffeId
-from meshway.policy.authorization import DEFAULT_ROOT_NAMESPACE, Decision
+from meshway.policy.authorization import DEFAULT_ROOT_NAMESPACE, Decision, Wildcards
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 T = TypeVar("T")
@@ -144,33 +144,12 @@ class _Unevaluable(Exception):
 
 
 def _matcher(values: Iterable[str], *, lower: bool = False) -> Callable[[str | None], bool]:
-    exact: set[str] = set()
-    prefixes: list[str] = []
-    suffixes: list[str] = []
-    anything = False
-    for raw in values:
-        value = raw.lower() if lower else raw
-        if value == "*":
-            anything = True
-        elif value.startswith("*"):
-            suffixes.append(value[1:])
-        elif value.endswith("*"):
-            prefixes.append(value[:-1])
-        else:
-            exact.add(value)
-    prefix_t, suffix_t = tuple(prefixes), tuple(suffixes)
+    matches = Wildcards.of(values, lower=lower).matches
 
     def match(value: str | None) -> bool:
         if value is None:
             return False
-        if lower:
-            value = value.lower()
-        return (
-            anything
-            or value in exact
-            or (bool(prefix_t) and value.startswith(prefix_t))
-            or (bool(suffix_t) and value.endswith(suffix_t))
-        )
+        return matches(value.lower() if lower else value)
 
     return match
 
