@@ -166,6 +166,18 @@ class PodNetns:
         os.close(self._fd)
 
 
+async def listen_in(netns: PodNetns | None, host: str, port: int) -> socket.socket:
+    """A listening socket inside `netns`, or in this process's own namespace for None."""
+    if netns is not None:
+        return await netns.listen(host, port)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
 def _listening_socket(host: str, port: int, transparent: bool, backlog: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:

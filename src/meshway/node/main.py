@@ -7,12 +7,13 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Coroutine
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from meshway.node.admin import ADMIN_PORT, METRICS_PORT, READINESS_PORT, NodeAdmin
-from meshway.node.inpod import PodNetns
+from meshway.node.inpod import PodNetns, listen_in
 from meshway.node.proxy import NodeConfig, NodeProxy
 
 log = logging.getLogger(__name__)
@@ -20,20 +21,32 @@ log = logging.getLogger(__name__)
 
 async def _admin_sockets(listen_netns: Path | None) -> dict[int, socket.socket]:
     hosts = {ADMIN_PORT: "127.0.0.1", METRICS_PORT: "0.0.0.0", READINESS_PORT: "0.0.0.0"}
-    if listen_netns is None:
-        sockets = {}
-        for port, host in hosts.items():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            sockets[port] = sock
-        return sockets
-    netns = PodNetns(listen_netns)
+    netns = PodNetns(listen_netns) if listen_netns is not None else None
     try:
-        return {port: await netns.listen(host, port) for port, host in hosts.items()}
+        return {port: await listen_in(netns, host, port) for port, host in hosts.items()}
     finally:
-        netns.close()
+        if netns is not None:
+            netns.close()
+
+
+async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` until it ends (its error is raised) or SIGINT/SIGTERM arrives (it is
+    cancelled); the caller cleans up afterwards. The proxies' processes end this way."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = asyncio.create_task(main)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            runner.result()
+    finally:
+        runner.cancel()
+        stopper.cancel()
+        with contextlib.suppress(BaseException):
+            await runner
 
 
 async def run_node(
@@ -55,22 +68,10 @@ async def run_node(
     proxy = NodeProxy(config)
     admin = NodeAdmin(proxy)
     await admin.start(await _admin_sockets(listen_netns))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     log.info("node proxy for %s starting (xDS %s)", config.node, config.xds_address)
-    runner = asyncio.create_task(proxy.run())
-    stopper = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if runner.done():
-            runner.result()
+        await run_until_signalled(proxy.run())
     finally:
-        runner.cancel()
-        stopper.cancel()
-        with contextlib.suppress(BaseException):
-            await runner
         await proxy.close()
         await admin.stop()
         log.info("node proxy for %s stopped; pods stay captured (fail closed)", config.node)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +28,8 @@ from meshway.identity.caclient import CaClient
 from meshway.identity.spiffe import SpiffeId
 from meshway.node.admin import ADMIN_PORT, METRICS_PORT, READINESS_PORT, NodeAdmin
 from meshway.node.certificates import CertificateManager
-from meshway.node.inpod import PodNetns
+from meshway.node.inpod import PodNetns, listen_in
+from meshway.node.main import run_until_signalled
 from meshway.node.state import ProxyState, workload_identity
 from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.messages import ByteStream, TcpStream
@@ -220,43 +220,20 @@ def _route_model(message: route_pb2.Route) -> Any:
     return KINDS[message.kind].model_validate(json.loads(message.resource_json))
 
 
-async def _listen(netns: PodNetns | None, host: str, port: int) -> socket.socket:
-    if netns is not None:
-        return await netns.listen(host, port)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
 async def run_waypoint(config: WaypointConfig) -> None:
     waypoint = Waypoint(config)
     admin = NodeAdmin(waypoint)  # type: ignore[arg-type]
     netns = waypoint.netns
     sockets = {
-        METRICS_PORT: await _listen(netns, "0.0.0.0", METRICS_PORT),
-        READINESS_PORT: await _listen(netns, "0.0.0.0", READINESS_PORT),
-        ADMIN_PORT: await _listen(netns, "127.0.0.1", ADMIN_PORT),
+        METRICS_PORT: await listen_in(netns, "0.0.0.0", METRICS_PORT),
+        READINESS_PORT: await listen_in(netns, "0.0.0.0", READINESS_PORT),
+        ADMIN_PORT: await listen_in(netns, "127.0.0.1", ADMIN_PORT),
     }
     await admin.start(sockets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    listener = await _listen(netns, config.listen_host, HBONE_PORT)
-    runner = asyncio.create_task(waypoint.run(listener))
-    stopper = asyncio.create_task(stop.wait())
+    listener = await listen_in(netns, config.listen_host, HBONE_PORT)
     try:
-        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if runner.done():
-            runner.result()
+        await run_until_signalled(waypoint.run(listener))
     finally:
-        runner.cancel()
-        stopper.cancel()
-        with contextlib.suppress(BaseException):
-            await runner
         await waypoint.close()
         await admin.stop()
         log.info("waypoint %s/%s stopped", config.namespace, config.name)
