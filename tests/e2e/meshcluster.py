@@ -17,6 +17,17 @@ from meshway.controlplane.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# A TCP echo server on port 9000, standard library only: the pods' plain-TCP application.
+ECHO_SERVER = """\
+import socketserver
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("0.0.0.0", 9000), Echo).serve_forever()
+"""
+
 
 class Cluster:
     def __init__(self, name: str, state: Path) -> None:
@@ -81,12 +92,10 @@ class Cluster:
         ]
 
     def in_node(self, node: str, *cmd: str) -> str:
-        netns = f"mw.{self.name}.node.{node}"
-        return subprocess.run(
-            ["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, timeout=30
-        ).stdout
+        return self.in_netns(f"mw.{self.name}.node.{node}", *cmd)
 
-    def in_pod_netns(self, netns: str, *cmd: str) -> str:
+    def in_netns(self, netns: str, *cmd: str) -> str:
+        """stdout of `cmd` run in the network namespace `netns`."""
         return subprocess.run(
             ["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, timeout=30
         ).stdout

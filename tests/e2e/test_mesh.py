@@ -20,22 +20,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from .meshcluster import Cluster, running_cluster
+from .meshcluster import ECHO_SERVER, Cluster, running_cluster
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)"),
 ]
 
-ECHO_SERVER = """\
-import socketserver
-class Echo(socketserver.StreamRequestHandler):
-    def handle(self):
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer(("0.0.0.0", 9000), Echo).serve_forever()
-"""
 
 ECHO_COMMAND = "\n    - python3\n    - -c\n    - |\n" + textwrap.indent(ECHO_SERVER, "      ")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .meshcluster import Cluster, running_cluster
+from .meshcluster import ECHO_SERVER, Cluster, running_cluster
 
 pytestmark = [
     pytest.mark.e2e,
@@ -28,16 +28,6 @@ pytestmark = [
 
 APP = str(Path(__file__).parent / "apps" / "l7app.py")
 PY = sys.executable
-
-ECHO_SERVER = """\
-import socketserver
-class Echo(socketserver.StreamRequestHandler):
-    def handle(self):
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer(("0.0.0.0", 9000), Echo).serve_forever()
-"""
 
 
 def _workload(name: str, node: str, command: list[str], labels: str = "") -> str:

@@ -118,7 +118,7 @@ def test_waypoint_apply_runs_it_and_delete_removes_it(cluster: Cluster) -> None:
     assert cmdline[1:5] == ["-m", "meshway.waypoint", "--gateway", "shop/waypoint"]
     assert env["MESHWAY_NETNS"] == str(host.NETNS_DIR / netns)
     # It serves HBONE inside the pod's namespace, and its Gateway becomes Programmed.
-    cluster.eventually(lambda: ":15008 " in cluster.in_pod_netns(netns, "ss", "-ltn"), seconds=30)
+    cluster.eventually(lambda: ":15008 " in cluster.in_netns(netns, "ss", "-ltn"), seconds=30)
     credentials = Path(env["MESHWAY_CREDENTIALS"])
     assert credentials == cluster.directory / "nodes" / f"{node}.yaml"
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o600

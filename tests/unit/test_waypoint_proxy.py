@@ -12,7 +12,6 @@ import uuid
 import pytest
 
 from meshway.api.v1 import address_pb2
-from meshway.identity.spiffe import SpiffeId
 from meshway.node.state import ProxyState
 from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.messages import Request
@@ -78,7 +77,6 @@ def datapath() -> WaypointDataPath:
         WAYPOINT,
         state,
         WaypointMetrics(),
-        lambda: SpiffeId("cluster.local", "shop", "waypoint"),
         UpstreamPool(never),  # type: ignore[arg-type]
     )
 

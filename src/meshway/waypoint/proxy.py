@@ -30,7 +30,6 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -135,7 +134,6 @@ class Outcome:
     attempts: int = 0
     upstream_ms: float | None = None
     details: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class WaypointDataPath:
@@ -147,7 +145,6 @@ class WaypointDataPath:
         service_name: str,
         state: ProxyState,
         metrics: WaypointMetrics,
-        identity: Callable[[], SpiffeId],
         upstream: UpstreamPool,
         *,
         root_namespace: str = "istio-system",
@@ -157,7 +154,6 @@ class WaypointDataPath:
         self.service_name = service_name
         self.state = state
         self.metrics = metrics
-        self._identity = identity
         self.upstream = upstream
         self.routes = RouteTable.build([])
         self.policies = WaypointPolicyIndex([], gateway, root_namespace)
@@ -417,12 +413,8 @@ class WaypointDataPath:
         outcome: Outcome,
     ) -> Response:
         total = timeouts.request if timeouts is not None else None
-        if total is None:
-            return await self._attempts(
-                down, request, service, workload, port, timeouts, retry, outcome
-            )
         try:
-            async with asyncio.timeout(total):
+            async with _deadline(total):
                 return await self._attempts(
                     down, request, service, workload, port, timeouts, retry, outcome
                 )
@@ -476,11 +468,8 @@ class WaypointDataPath:
             status: int | None = None
             tried = time.monotonic()
             try:
-                if per_try is None:
+                async with _deadline(per_try):
                     response = await self.upstream.request(endpoint, request, http2)
-                else:
-                    async with asyncio.timeout(per_try):
-                        response = await self.upstream.request(endpoint, request, http2)
                 status = response.status
                 outcome.upstream_ms = (time.monotonic() - tried) * 1000
                 if (
@@ -647,6 +636,15 @@ def upstream_http2(app_protocol: str, request: Request) -> bool:
 
 
 _second_stamp: list[Any] = [-1, ""]
+
+
+_NO_DEADLINE = contextlib.nullcontext()
+
+
+def _deadline(seconds: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+    """A timeout scope, or none at all when a route sets no timeout (the common case: a
+    scope costs a timer handle per request)."""
+    return _NO_DEADLINE if seconds is None else asyncio.timeout(seconds)
 
 
 def _iso_time(when: float) -> str:

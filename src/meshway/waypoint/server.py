@@ -86,7 +86,6 @@ class Waypoint:
             service,
             self.state,
             self.metrics,
-            lambda: self.identity,
             self.upstream,
             root_namespace=config.root_namespace,
             access_log_enabled=config.access_log,

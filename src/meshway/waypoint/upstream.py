@@ -20,7 +20,7 @@ from meshway.api.v1 import address_pb2
 from meshway.hbone.errors import HboneError
 from meshway.waypoint.http1 import H1ClientConnection
 from meshway.waypoint.http2 import H2ClientConnection
-from meshway.waypoint.messages import Body, ByteStream, Request, Response, UpstreamError
+from meshway.waypoint.messages import ByteStream, Request, Response, UpstreamError
 
 MAX_IDLE_PER_ENDPOINT = 64
 IDLE_TIMEOUT = 60.0
@@ -72,7 +72,7 @@ class UpstreamPool:
             conn = idle.pop()
             if not conn.is_usable:
                 continue
-            replay = _replayable(request)
+            replay = request.body.copy()  # to send again if the connection proves stale
             try:
                 return await conn.request(request)
             except UpstreamError:
@@ -184,8 +184,3 @@ class UpstreamPool:
                 with contextlib.suppress(Exception):
                     await h2.close()
         self._h2.clear()
-
-
-def _replayable(request: Request) -> Body | None:
-    """A copy of the request body to send again, when all of it is here and none was read."""
-    return request.body.copy()
