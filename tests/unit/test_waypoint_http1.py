@@ -186,6 +186,26 @@ async def http_server() -> AsyncIterator[int]:
         await runner.cleanup()
 
 
+async def test_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() -> None:
+    limits = H1Limits(idle_timeout=0.3)
+    async with h1_server(echo, limits) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # Busy for twice the idle limit: a request every 0.1 s keeps it open.
+            for _ in range(6):
+                writer.write(b"GET /busy HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                await asyncio.sleep(0.1)
+            # Then idle: closed after about the limit.
+            started = asyncio.get_running_loop().time()
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""
+            assert asyncio.get_running_loop().time() - started < 2
+        finally:
+            writer.close()
+
+
 async def test_client_reuses_a_kept_alive_connection() -> None:
     idle: list[H1ClientConnection] = []
     async with http_server() as port:

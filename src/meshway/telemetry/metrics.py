@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 
 class ControlPlaneMetrics:
@@ -133,40 +136,94 @@ _DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 
 _SIZE_BUCKETS = (1, 10, 100, 1000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000)
 
 
-class WaypointMetrics:
-    """The waypoint's registry: Istio's request metrics (BRIEF §4) plus the proxy's own.
+class RequestMetrics:
+    """Istio's four request metrics, counted in plain Python and read by Prometheus at scrape
+    time.
 
-    The label sets are few (one per source, destination, code and flags), so each request's
-    children are looked up in a small dict instead of going through `labels()` every time.
+    prometheus-client takes a lock and walks the buckets for every observation: three
+    histograms and a counter cost more than the rest of a small request's bookkeeping. Here a
+    request adds to one list per label set (the event loop is the only writer, and the scrape
+    runs on the same loop), and `collect` turns the lists into metric families.
     """
+
+    _BOUNDS = (_DURATION_BUCKETS_MS, _SIZE_BUCKETS, _SIZE_BUCKETS)
+    # Beyond this many label sets, new ones are folded into one "overflow" set.
+    MAX_SERIES = 10_000
+
+    def __init__(self) -> None:
+        # labels -> [count, duration sum, request-size sum, response-size sum,
+        #            *duration bucket counts, *request-size counts, *response-size counts]
+        # (non-cumulative counts; the last bucket of each is +Inf).
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        offsets = [4]
+        for bounds in self._BOUNDS:
+            offsets.append(offsets[-1] + len(bounds) + 1)
+        self._width = offsets.pop()
+        self._offsets = tuple(offsets)
+
+    def observe(
+        self, labels: tuple[str, ...], duration_ms: float, request_size: int, response_size: int
+    ) -> None:
+        row = self._series.get(labels)
+        if row is None:
+            if len(self._series) >= self.MAX_SERIES:
+                labels = ("overflow",) * len(HTTP_LABELS)
+            row = self._series.setdefault(labels, [0] * self._width)
+        d, q, r = self._offsets
+        row[0] += 1
+        row[1] += duration_ms
+        row[2] += request_size
+        row[3] += response_size
+        row[d + bisect_left(_DURATION_BUCKETS_MS, duration_ms)] += 1
+        row[q + bisect_left(_SIZE_BUCKETS, request_size)] += 1
+        row[r + bisect_left(_SIZE_BUCKETS, response_size)] += 1
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> list[Metric]:
+        return list(self._families(list(self._series.items())))
+
+    def _families(
+        self, series: Iterable[tuple[tuple[str, ...], list[float]]] = ()
+    ) -> Iterator[Metric]:
+        requests = CounterMetricFamily("istio_requests", "Requests served.", labels=HTTP_LABELS)
+        histograms = [
+            HistogramMetricFamily(name, doc, labels=HTTP_LABELS)
+            for name, doc in (
+                (
+                    "istio_request_duration_milliseconds",
+                    "Request duration, from the request's first byte to the response's last.",
+                ),
+                ("istio_request_bytes", "Request body sizes."),
+                ("istio_response_bytes", "Response body sizes."),
+            )
+        ]
+        for labels, row in series:
+            requests.add_metric(labels, row[0])
+            for i, family in enumerate(histograms):
+                start = self._offsets[i]
+                buckets = []
+                total = 0.0
+                bounds = (*self._BOUNDS[i], "+Inf")
+                for bound, count in zip(bounds, row[start : start + len(bounds)], strict=True):
+                    total += count
+                    buckets.append((floatToGoString(bound), total))
+                family.add_metric(labels, buckets, row[1 + i])
+        yield requests
+        yield from histograms
+
+
+class WaypointMetrics:
+    """The waypoint's registry: Istio's request metrics (BRIEF §4) plus the proxy's own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         r = self.registry
-        self.requests = Counter("istio_requests", "Requests served.", HTTP_LABELS, registry=r)
-        self.duration = Histogram(
-            "istio_request_duration_milliseconds",
-            "Request duration, from the request's first byte to the response's last.",
-            HTTP_LABELS,
-            buckets=_DURATION_BUCKETS_MS,
-            registry=r,
-        )
-        self.request_bytes = Histogram(
-            "istio_request_bytes",
-            "Request body sizes.",
-            HTTP_LABELS,
-            buckets=_SIZE_BUCKETS,
-            registry=r,
-        )
-        self.response_bytes = Histogram(
-            "istio_response_bytes",
-            "Response body sizes.",
-            HTTP_LABELS,
-            buckets=_SIZE_BUCKETS,
-            registry=r,
-        )
+        self.request_metrics = RequestMetrics()
+        r.register(self.request_metrics)
         self.tunnels = Counter(
             "meshway_waypoint_tunnels",
             "HBONE tunnels accepted or refused, by outcome and detected protocol.",
@@ -185,26 +242,8 @@ class WaypointMetrics:
             ["identity"],
             registry=r,
         )
-        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
-
-    def observe(
-        self, labels: tuple[str, ...], duration_ms: float, request_size: int, response_size: int
-    ) -> None:
-        """Count one finished request; `labels` in HTTP_LABELS order."""
-        children = self._children.get(labels)
-        if children is None:
-            children = (
-                self.requests.labels(*labels),
-                self.duration.labels(*labels),
-                self.request_bytes.labels(*labels),
-                self.response_bytes.labels(*labels),
-            )
-            if len(self._children) < 10_000:  # bounded, whatever the label cardinality
-                self._children[labels] = children
-        children[0].inc()
-        children[1].observe(duration_ms)
-        children[2].observe(request_size)
-        children[3].observe(response_size)
+        # Counts one finished request; labels in HTTP_LABELS order.
+        self.observe = self.request_metrics.observe
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -242,9 +242,27 @@ class _H1Server:
         self._upgraded: bytes | None = None
         self._closing = False
         self._failed = False
+        self._loop = asyncio.get_running_loop()
+        self._last_read = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
+
+    def _check_idle(self) -> None:
+        """The idle timer: one per connection, pushed back while reads arrive (instead of a
+        timeout scope around every read)."""
+        idle = self._loop.time() - self._last_read
+        if idle >= self.limits.idle_timeout:
+            log.debug("HTTP/1.1 connection idle for %.0f s: closing it", idle)
+            self._timed_out = True
+            self.stream.abort()
+        else:
+            self._idle_timer = self._loop.call_later(
+                self.limits.idle_timeout - idle, self._check_idle
+            )
 
     async def run(self, initial: bytes) -> None:
         responder = asyncio.ensure_future(self._respond_loop())
+        self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
         try:
             await self._read_loop(initial)
         except _RequestError as exc:
@@ -263,6 +281,12 @@ class _H1Server:
         except BaseException:
             responder.cancel()
             raise
+        finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+        if self._timed_out:
+            responder.cancel()
+            raise TimeoutError("HTTP/1.1 connection idle for too long")
         self._eof = True
         if self.parse.body is not None:  # the client went away in the middle of a body
             self.parse.body.fail(BodyError("client closed the connection mid-body"))
@@ -292,8 +316,8 @@ class _H1Server:
                 await body.drained()
             while len(parse.ready) > MAX_PIPELINED and not self._closing:
                 await asyncio.sleep(0.001)
-            async with asyncio.timeout(self.limits.idle_timeout):
-                data = await self.stream.read(READ_SIZE)
+            data = await self.stream.read(READ_SIZE)
+            self._last_read = self._loop.time()
             if not data:
                 return
 
