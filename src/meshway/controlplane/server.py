@@ -41,7 +41,7 @@ from meshway.controlplane.waypoints import WaypointController
 from meshway.identity.ca import CertificateAuthority, CsrRejected
 from meshway.identity.spiffe import SpiffeId
 from meshway.telemetry.metrics import CONTROLPLANE
-from meshway.xds.client import GRPC_OPTIONS
+from meshway.xds.client import SERVER_GRPC_OPTIONS
 from meshway.xds.server import AggregatedDiscoveryService, Change, ResourceCache
 from meshway.xds.types import ALL_TYPE_URLS
 
@@ -295,7 +295,7 @@ class ControlPlane:
         return grpc.ssl_server_credentials([(key, chain)])
 
     async def _start_grpc(self) -> grpc.aio.Server:
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=SERVER_GRPC_OPTIONS)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
         ca_pb2_grpc.add_CertificateServiceServicer_to_server(_CertificateService(self), server)
         self.grpc_port = server.add_secure_port(

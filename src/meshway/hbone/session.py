@@ -425,13 +425,26 @@ class H2Session(asyncio.Protocol):
 
     def send_data(self, stream_id: int, data: memoryview, *, end_stream: bool = False) -> None:
         """Send `data` (which must fit the window) in frames of the peer's maximum size."""
+        if self.send_some(stream_id, data, end_stream=end_stream) < len(data):
+            raise HboneError(f"{len(data)} bytes do not fit the flow-control window")
+
+    def send_some(self, stream_id: int, data: memoryview, *, end_stream: bool = False) -> int:
+        """Send as much of `data` as the flow-control windows allow now (in frames of the
+        peer's maximum size); how much that was. `end_stream` applies only when all of it
+        was sent. One call per write on the data path: `sendable` and `send_data` in one."""
         self._check_open()
-        if self._closed_in_h2(stream_id):
+        h2_stream = self.h2.streams.get(stream_id)
+        if h2_stream is None or h2_stream.closed:
             raise _closed_under_us(stream_id)
-        h2_stream = self.h2.streams[stream_id]
-        size = len(data)
-        if size > min(self.h2.outbound_flow_control_window, h2_stream.outbound_flow_control_window):
-            raise HboneError(f"{size} bytes do not fit the flow-control window")
+        wanted = len(data)
+        size = wanted and min(
+            wanted, self.h2.outbound_flow_control_window, h2_stream.outbound_flow_control_window
+        )
+        if size < wanted:
+            if size <= 0:
+                return 0
+            data = data[:size]
+            end_stream = False
         # Keep h2's send windows exact: it handles the peer's WINDOW_UPDATEs and SETTINGS.
         self.h2.outbound_flow_control_window -= size
         h2_stream.outbound_flow_control_window -= size
@@ -448,6 +461,7 @@ class H2Session(asyncio.Protocol):
             self.flush()
         else:
             self.flush_soon()
+        return size
 
     def end_stream(self, stream_id: int) -> None:
         self._check_open()

@@ -160,10 +160,7 @@ class HboneStream:
     def send_nowait(self, data: memoryview) -> int:
         """Send as much of `data` as flow control allows now; returns how much that was."""
         self._check_writable()
-        size = min(len(data), self._session.sendable(self.stream_id))
-        if size > 0:
-            self._session.send_data(self.stream_id, data[:size])
-        return max(size, 0)
+        return self._session.send_some(self.stream_id, data)
 
     def write_eof_nowait(self) -> None:
         """`write_eof` without waiting for the transport to drain."""

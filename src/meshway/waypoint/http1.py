@@ -76,8 +76,7 @@ def _reason(status: int) -> bytes:
 
 def _head(first_line: bytes, headers: Headers) -> bytearray:
     out = bytearray(first_line)
-    for name, value in headers:
-        out += b"\r\n%s: %s" % (name.encode("latin-1"), value.encode("latin-1"))
+    out += "".join([f"\r\n{name}: {value}" for name, value in headers]).encode("latin-1")
     out += b"\r\n\r\n"
     return out
 

@@ -112,6 +112,10 @@ class Downstream:
     source_ip: IpAddress = field(init=False)
     # The source half of the request metrics' labels, the same for every request of a tunnel.
     source_labels: tuple[str, str, str, str] = field(init=False)
+    # `_report`'s work for each endpoint this tunnel's requests went to.
+    report_cache: dict[tuple[str, int] | None, tuple[Endpoint | None, tuple[str, ...], str]] = (
+        field(init=False, default_factory=dict)
+    )
 
     def __post_init__(self) -> None:
         self.source_ip = ipaddress.ip_address(self.ip)
@@ -551,27 +555,18 @@ class WaypointDataPath:
         response_bytes: int,
     ) -> None:
         duration_ms = (time.monotonic() - started) * 1000
-        dest = down.destination
         endpoint = outcome.endpoint
-        dst_wl = endpoint.workload if endpoint is not None else dest.workload
-        if endpoint is not None:
-            dst_principal = endpoint.principal
-        else:
-            dst_principal = workload_identity(dst_wl).uri if dst_wl is not None else "unknown"
-        service = dest.hostname
-        labels = (
-            *down.source_labels,
-            dst_wl.canonical_name if dst_wl is not None else "unknown",
-            dst_wl.namespace if dst_wl is not None else "unknown",
-            service,
-            dst_principal,
-            "mutual_tls",
-            str(status),
-            outcome.flags,
-            protocol,
-        )
+        cached = down.report_cache.get(endpoint.key if endpoint is not None else None)
+        if cached is None or cached[0] is not endpoint:
+            cached = self._report_static(down, endpoint)
+        _, labels, log_tail = cached
         if request is not None:
-            self.metrics.observe(labels, duration_ms, request_bytes, response_bytes)
+            self.metrics.observe(
+                (*labels, str(status), outcome.flags, protocol),
+                duration_ms,
+                request_bytes,
+                response_bytes,
+            )
         if not self.access_log_enabled:
             return
         entry: dict[str, Any] = {
@@ -595,16 +590,45 @@ class WaypointDataPath:
             ),
             bytes_received=request_bytes,
             bytes_sent=response_bytes,
-            upstream_host=f"{endpoint.ip}:{endpoint.port}" if endpoint is not None else None,
-            upstream_cluster=service,
             route_name=outcome.route or None,
             attempts=outcome.attempts or None,
-            source_address=down.ip,
-            source_principal=down.source_labels[3],
-            destination_principal=dst_principal,
             details=outcome.details or None,
         )
-        self.access_log.write(orjson.dumps(entry).decode())
+        self.access_log.write(orjson.dumps(entry)[:-1].decode() + log_tail)
+
+    def _report_static(
+        self, down: Downstream, endpoint: Endpoint | None
+    ) -> tuple[Endpoint | None, tuple[str, ...], str]:
+        """What `_report` says the same way for every request between this client and this
+        endpoint: the first labels of the request metrics and the end of the access-log line,
+        worked out once per tunnel and endpoint."""
+        dest = down.destination
+        dst_wl = endpoint.workload if endpoint is not None else dest.workload
+        if endpoint is not None:
+            dst_principal = endpoint.principal
+        else:
+            dst_principal = workload_identity(dst_wl).uri if dst_wl is not None else "unknown"
+        labels = (
+            *down.source_labels,
+            dst_wl.canonical_name if dst_wl is not None else "unknown",
+            dst_wl.namespace if dst_wl is not None else "unknown",
+            dest.hostname,
+            dst_principal,
+            "mutual_tls",
+        )
+        tail = orjson.dumps(
+            {
+                "upstream_host": f"{endpoint.ip}:{endpoint.port}" if endpoint is not None else None,
+                "upstream_cluster": dest.hostname,
+                "source_address": down.ip,
+                "source_principal": down.source_labels[3],
+                "destination_principal": dst_principal,
+            }
+        )
+        cached = (endpoint, labels, "," + tail[1:].decode())
+        if len(down.report_cache) < 64:
+            down.report_cache[endpoint.key if endpoint is not None else None] = cached
+        return cached
 
 
 # HTTP status to gRPC status, as gRPC's "HTTP to gRPC status code mapping" has it, plus what

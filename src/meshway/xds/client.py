@@ -37,6 +37,15 @@ GRPC_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.ssl_target_name_override", "meshway-controlplane"),
 )
+# The control plane's side: proxies ping every 30 s (above) on streams that may carry no data
+# for hours. gRPC servers by default allow a ping only every 5 minutes without data and
+# answer more with GOAWAY "too_many_pings", which dropped every proxy's xDS stream (and made
+# it fetch everything again) every few minutes.
+SERVER_GRPC_OPTIONS: Sequence[tuple[str, Any]] = (
+    *GRPC_OPTIONS,
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
 
 
 @dataclass(frozen=True)
