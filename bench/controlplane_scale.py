@@ -202,35 +202,43 @@ async def full_state_time(
 async def csr_rate(
     xds: str, bundle: str, token: str, identities: list[str], total: int, concurrency: int
 ) -> float:
-    import grpc
-
-    from meshway.api.v1 import ca_pb2, ca_pb2_grpc
+    from meshway.api.v1 import ca_pb2
+    from meshway.identity.caclient import CREATE_CERTIFICATE
     from meshway.identity.csr import build_csr, generate_key
     from meshway.identity.spiffe import SpiffeId
-    from meshway.xds.client import GRPC_OPTIONS
+    from meshway.xds.channel import GrpcChannel
+    from meshway.xds.client import CONTROL_PLANE_NAME
 
     csrs = [
         build_csr(generate_key(), SpiffeId.parse(identities[i % len(identities)])).decode()
         for i in range(min(total, 400))
     ]
-    creds = grpc.ssl_channel_credentials(root_certificates=bundle.encode())
-    async with grpc.aio.secure_channel(xds, creds, options=GRPC_OPTIONS) as channel:
-        stub = ca_pb2_grpc.CertificateServiceStub(channel)
-        metadata = (("authorization", f"Bearer {token}"),)
-        await stub.CreateCertificate(ca_pb2.CertificateRequest(csr=csrs[0]), metadata=metadata)
+    # The proxies' own gRPC client, as they call: one HTTP/2 connection, calls multiplexed.
+    channel = GrpcChannel(xds, root_certificates=bundle.encode(), server_name=CONTROL_PLANE_NAME)
+    metadata = (("authorization", f"Bearer {token}"),)
+
+    async def sign(csr: str) -> None:
+        await channel.unary(
+            CREATE_CERTIFICATE,
+            ca_pb2.CertificateRequest(csr=csr),
+            ca_pb2.CertificateResponse,
+            metadata=metadata,
+            timeout=30,
+        )
+
+    try:
+        await sign(csrs[0])
         counter = iter(range(total))
 
         async def worker() -> None:
             for i in counter:
-                await stub.CreateCertificate(
-                    ca_pb2.CertificateRequest(csr=csrs[i % len(csrs)]),
-                    metadata=metadata,
-                    timeout=30,
-                )
+                await sign(csrs[i % len(csrs)])
 
         start = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return total / (time.monotonic() - start)
+    finally:
+        await channel.close()
 
 
 def inprocess_sign_rate(total: int) -> float:

@@ -448,10 +448,9 @@ def cert_request(
     ttl: Annotated[int, typer.Option("--ttl-seconds", help="0: the CA's default")] = 0,
 ) -> None:
     """Generate a key here, send a CSR with a node credential, write key, chain and bundle."""
-    import grpc
-
     from meshway.identity.caclient import CaClient
     from meshway.identity.spiffe import SpiffeId
+    from meshway.xds.channel import GrpcError, StatusCode
 
     try:
         creds = yaml.safe_load(credentials.read_text())
@@ -468,9 +467,8 @@ def cert_request(
 
     try:
         cert = asyncio.run(fetch())
-    except grpc.aio.AioRpcError as exc:
-        code = 3 if exc.code() is grpc.StatusCode.UNAVAILABLE else 1
-        _fail(f"{exc.code().name}: {exc.details()}", code)
+    except GrpcError as exc:
+        _fail(str(exc), 3 if exc.code is StatusCode.UNAVAILABLE else 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path = out_dir / "key.pem"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -41,8 +41,12 @@ from meshway.controlplane.waypoints import WaypointController
 from meshway.identity.ca import CertificateAuthority, CsrRejected
 from meshway.identity.spiffe import SpiffeId
 from meshway.telemetry.metrics import CONTROLPLANE
-from meshway.xds.client import SERVER_GRPC_OPTIONS
-from meshway.xds.server import AggregatedDiscoveryService, Change, ResourceCache
+from meshway.xds.server import (
+    SERVER_GRPC_OPTIONS,
+    AggregatedDiscoveryService,
+    Change,
+    ResourceCache,
+)
 from meshway.xds.types import ALL_TYPE_URLS
 
 log = logging.getLogger(__name__)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-import grpc
-
-from meshway.api.v1 import ca_pb2, ca_pb2_grpc
+from meshway.api.v1 import ca_pb2
 from meshway.identity.csr import build_csr, generate_key, key_to_pem
 from meshway.identity.spiffe import SpiffeId
-from meshway.xds.client import GRPC_OPTIONS
+from meshway.xds.channel import GrpcChannel
+from meshway.xds.client import CONTROL_PLANE_NAME
+
+CREATE_CERTIFICATE = "/meshway.api.v1.CertificateService/CreateCertificate"
 
 
 @dataclass(frozen=True)
@@ -25,15 +26,10 @@ class CaClient:
     """Talks to the control plane's CertificateService with a node credential."""
 
     def __init__(self, target: str, token: str, root_certificates: bytes) -> None:
-        self._target = target
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self._creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        self._channel: grpc.aio.Channel | None = None
-
-    def _stub(self) -> ca_pb2_grpc.CertificateServiceStub:
-        if self._channel is None:
-            self._channel = grpc.aio.secure_channel(self._target, self._creds, options=GRPC_OPTIONS)
-        return ca_pb2_grpc.CertificateServiceStub(self._channel)
+        self._channel = GrpcChannel(
+            target, root_certificates=root_certificates, server_name=CONTROL_PLANE_NAME
+        )
 
     async def fetch(
         self, identity: SpiffeId, ttl: timedelta | None = None, rpc_timeout: float = 10.0
@@ -43,14 +39,16 @@ class CaClient:
             csr=build_csr(key, identity).decode(),
             validity_duration_seconds=int(ttl.total_seconds()) if ttl else 0,
         )
-        response = await self._stub().CreateCertificate(
-            request, metadata=self._metadata, timeout=rpc_timeout
+        response = await self._channel.unary(
+            CREATE_CERTIFICATE,
+            request,
+            ca_pb2.CertificateResponse,
+            metadata=self._metadata,
+            timeout=rpc_timeout,
         )
         return WorkloadCertificate(
             identity, key_to_pem(key), list(response.cert_chain), list(response.trust_bundle)
         )
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close(grace=None)
-            self._channel = None
+        await self._channel.close()

@@ -15,12 +15,11 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
-import grpc
-
 from meshway.hbone.tls import WorkloadCredentials
 from meshway.identity.caclient import CaClient
 from meshway.identity.spiffe import SpiffeId
 from meshway.telemetry.metrics import NodeMetrics
+from meshway.xds.channel import GrpcError
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +56,9 @@ class CertificateManager:
     async def _fetch(self, identity: SpiffeId) -> WorkloadCredentials:
         try:
             cert = await self._ca.fetch(identity, self._lifetime)
-        except grpc.aio.AioRpcError as exc:
+        except GrpcError as exc:
             self.failures += 1
-            raise CertificateUnavailable(
-                f"no certificate for {identity.uri}: {exc.code().name}: {exc.details()}"
-            ) from exc
+            raise CertificateUnavailable(f"no certificate for {identity.uri}: {exc}") from exc
         creds = WorkloadCredentials.from_pems(
             "".join(cert.cert_chain_pem).encode(),
             cert.key_pem,

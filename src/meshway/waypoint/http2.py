@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -701,6 +702,8 @@ class _H2Server(_Connection):
 
 # --- the client side -------------------------------------------------------------------------
 
+_PING_IDS = itertools.count(1)
+
 
 class H2ClientConnection(_Connection):
     """One HTTP/2 connection to an endpoint, multiplexing requests.
@@ -722,6 +725,7 @@ class H2ClientConnection(_Connection):
         self._slot_waiters: list[asyncio.Future[None]] = []
         self._closer: asyncio.Task[None] | None = None
         self._peer_settings = False
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._reader = self._loop.create_task(self._read_loop())
 
     @property
@@ -800,6 +804,27 @@ class H2ClientConnection(_Connection):
             self._cancel(exchange)
             raise
 
+    async def ping(self, timeout: float) -> None:
+        """Send a PING and wait for its acknowledgement: how a keepalive finds a peer that is
+        gone without a word. UpstreamError when none arrives within `timeout` seconds, or
+        the connection ends first."""
+        if self._closed:
+            raise UpstreamError(self._error, connected=True)
+        payload = next(_PING_IDS).to_bytes(8, "big")
+        waiter = self._loop.create_future()
+        self._pings[payload] = waiter
+        try:
+            self._h2.ping(payload)
+            self._flush()
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            raise UpstreamError(
+                f"no PING acknowledgement within {timeout:g} s", connected=True
+            ) from None
+        finally:
+            self._pings.pop(payload, None)
+
     async def _wait_for_stream(self) -> None:
         while True:
             if not self.is_usable:
@@ -872,6 +897,9 @@ class H2ClientConnection(_Connection):
             self._error = reason
         super()._shutdown(reason)
         self._wake_slot_waiters()
+        for waiter in self._pings.values():
+            if not waiter.done():
+                waiter.set_exception(UpstreamError(reason, connected=True))
 
     def _forget(self, exchange: _Exchange) -> None:
         if self._exchanges.pop(exchange.stream_id, None) is None:
@@ -895,6 +923,8 @@ class H2ClientConnection(_Connection):
     def _on_other(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.ResponseReceived):
             self._on_response(event)
+        elif isinstance(event, h2.events.PingAckReceived) and event.ping_data is not None:
+            _wake(self._pings.get(event.ping_data))
 
     def _on_response(self, event: h2.events.ResponseReceived) -> None:
         exchange = self._exchanges.get(event.stream_id)

@@ -13,15 +13,16 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
+
+from meshway.xds.channel import GrpcChannel, GrpcError, StatusCode
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +30,9 @@ M = TypeVar("M", bound=Message)
 # A validator raises ValueError with a reason to reject a resource.
 Validator = Callable[[str, Any], None]
 
-GRPC_OPTIONS: Sequence[tuple[str, Any]] = (
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.max_send_message_length", 256 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.ssl_target_name_override", "meshway-controlplane"),
-)
-# The control plane's side: proxies ping every 30 s (above) on streams that may carry no data
-# for hours. gRPC servers by default allow a ping only every 5 minutes without data and
-# answer more with GOAWAY "too_many_pings", which dropped every proxy's xDS stream (and made
-# it fetch everything again) every few minutes.
-SERVER_GRPC_OPTIONS: Sequence[tuple[str, Any]] = (
-    *GRPC_OPTIONS,
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-)
+# The name in the control plane's serving certificate, whatever address it is reached at.
+CONTROL_PLANE_NAME = "meshway-controlplane"
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 
 
 @dataclass(frozen=True)
@@ -141,12 +128,9 @@ class XdsClient:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                self.last_error = f"{exc.code().name}: {exc.details()}"
-                if exc.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                ):
+            except GrpcError as exc:
+                self.last_error = f"{exc.code.name}: {exc.details}"
+                if exc.code in (StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED):
                     log.error("xDS stream refused: %s", self.last_error)
                 else:
                     log.warning("xDS stream to %s broke: %s", self.target, self.last_error)
@@ -157,32 +141,24 @@ class XdsClient:
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 5.0)
 
-    def _channel(self) -> grpc.aio.Channel:
-        if self._root_certificates is None:
-            return grpc.aio.insecure_channel(self.target, options=GRPC_OPTIONS)
-        creds = grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
-        return grpc.aio.secure_channel(self.target, creds, options=GRPC_OPTIONS)
-
     async def _stream_once(self) -> None:
-        async with self._channel() as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
-            for type_url in self.types:
-                outbox.put_nowait(self._initial_request(type_url))
-
-            async def requests() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
-                while (req := await outbox.get()) is not None:
-                    yield req
-
-            metadata = (("authorization", f"Bearer {self._token}"),) if self._token else ()
-            call = stub.DeltaAggregatedResources(requests(), metadata=metadata)
-            try:
+        channel = GrpcChannel(
+            self.target,
+            root_certificates=self._root_certificates,
+            server_name=CONTROL_PLANE_NAME if self._root_certificates is not None else None,
+        )
+        metadata = (("authorization", f"Bearer {self._token}"),) if self._token else ()
+        try:
+            async with channel.stream(
+                ADS_METHOD, discovery_pb2.DeltaDiscoveryResponse, metadata=metadata
+            ) as call:
+                for type_url in self.types:
+                    call.send(self._initial_request(type_url))
                 async for response in call:
                     self.connected.set()
-                    outbox.put_nowait(self._handle(response))
-            finally:
-                outbox.put_nowait(None)
-                call.cancel()
+                    call.send(self._handle(response))
+        finally:
+            await channel.close()
 
     def _initial_request(self, type_url: str) -> discovery_pb2.DeltaDiscoveryRequest:
         node = base_pb2.Node(id=self.node_id, user_agent_name="meshway")
@@ -206,8 +182,7 @@ class XdsClient:
         if rtype is None:
             ack.error_detail.CopyFrom(
                 status_pb2.Status(
-                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                    message=f"unknown type {type_url}",
+                    code=StatusCode.INVALID_ARGUMENT, message=f"unknown type {type_url}"
                 )
             )
             return ack
@@ -238,7 +213,7 @@ class XdsClient:
             message = f"rejected {len(errors)} resource(s): " + "; ".join(errors[:10])
             log.warning("NACK %s version %s: %s", type_url, response.system_version_info, message)
             ack.error_detail.CopyFrom(
-                status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=message)
+                status_pb2.Status(code=StatusCode.INVALID_ARGUMENT, message=message)
             )
         return ack
 

@@ -32,6 +32,20 @@ from meshway.telemetry.metrics import CONTROLPLANE
 
 log = logging.getLogger(__name__)
 
+# The proxies ping every 30 s (`xds.channel`) on streams that may carry no data for hours.
+# gRPC servers by default allow a ping only every 5 minutes without data and answer more with
+# GOAWAY "too_many_pings", which dropped every proxy's xDS stream (and made it fetch
+# everything again) every few minutes.
+SERVER_GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
 Authenticator = Callable[[grpc.aio.ServicerContext], Awaitable[str]]
 
 
