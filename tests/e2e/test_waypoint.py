@@ -10,94 +10,38 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .meshcluster import ECHO_SERVER, Cluster, running_cluster
+from .waypointkit import (
+    APP,
+    PY,
+    access_log,
+    apply_temporarily,
+    curl,
+    http_service,
+    logged,
+    shop_with_waypoint,
+    waypoint_log,
+    workload,
+)
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)"),
 ]
 
-APP = str(Path(__file__).parent / "apps" / "l7app.py")
-PY = sys.executable
-
-
-def _workload(name: str, node: str, command: list[str], labels: str = "") -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: meshway.io/v1alpha1
-        kind: Workload
-        metadata: {{name: {name}, namespace: shop, labels: {{app: {name.split("-")[0]}{labels}}}}}
-        spec:
-          serviceAccountName: {name.split("-")[0]}
-          nodeName: {node}
-          command: {json.dumps(command)}
-        ---
-        """)
-
 
 MANIFEST = (
-    textwrap.dedent("""\
-    apiVersion: v1
-    kind: Namespace
-    metadata:
-      name: shop
-      labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}
-    ---
-    apiVersion: meshway.io/v1alpha1
-    kind: Node
-    metadata: {name: node-1}
-    ---
-    apiVersion: meshway.io/v1alpha1
-    kind: Node
-    metadata: {name: node-2}
-    ---
-    apiVersion: v1
-    kind: List
-    items:
-    - {apiVersion: v1, kind: ServiceAccount, metadata: {name: client, namespace: shop}}
-    - {apiVersion: v1, kind: ServiceAccount, metadata: {name: web, namespace: shop}}
-    - {apiVersion: v1, kind: ServiceAccount, metadata: {name: greeter, namespace: shop}}
-    - {apiVersion: v1, kind: ServiceAccount, metadata: {name: echo, namespace: shop}}
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: Gateway
-    metadata:
-      name: waypoint
-      namespace: shop
-      labels: {istio.io/waypoint-for: service}
-    spec:
-      gatewayClassName: istio-waypoint
-      listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {name: web, namespace: shop}
-    spec:
-      selector: {app: web}
-      ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {name: web-v1, namespace: shop}
-    spec:
-      selector: {app: web, version: v1}
-      ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {name: web-v2, namespace: shop}
-    spec:
-      selector: {app: web, version: v2}
-      ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
-    ---
+    shop_with_waypoint("client", "web", "greeter", "echo")
+    + http_service("web", "app: web")
+    + http_service("web-v1", "app: web, version: v1")
+    + http_service("web-v2", "app: web, version: v2")
+    + textwrap.dedent("""\
     apiVersion: v1
     kind: Service
     metadata: {name: greeter, namespace: shop}
@@ -113,11 +57,11 @@ MANIFEST = (
       ports: [{port: 9000}]
     ---
     """)
-    + _workload("client-0", "node-1", ["sleep", "infinity"])
-    + _workload("web-v1", "node-2", [PY, APP, "http", "8080", "v1"], ", version: v1")
-    + _workload("web-v2", "node-2", [PY, APP, "http", "8080", "v2"], ", version: v2")
-    + _workload("greeter-0", "node-2", [PY, APP, "grpc", "50051"])
-    + _workload("echo-0", "node-2", ["python3", "-c", ECHO_SERVER])
+    + workload("client-0", "node-1", ["sleep", "infinity"])
+    + workload("web-v1", "node-2", [PY, APP, "http", "8080", "v1"], ", version: v1")
+    + workload("web-v2", "node-2", [PY, APP, "http", "8080", "v2"], ", version: v2")
+    + workload("greeter-0", "node-2", [PY, APP, "grpc", "50051"])
+    + workload("echo-0", "node-2", ["python3", "-c", ECHO_SERVER])
 )
 
 CLIENT = "spiffe://cluster.local/ns/shop/sa/client"
@@ -131,64 +75,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cluster.eventually(lambda: "serving HBONE" in waypoint_log(cluster), seconds=40)
         cluster.eventually(lambda: curl(cluster, f"{WEB}/").get("code") == 200, seconds=30)
         yield cluster
-
-
-def waypoint_log(cluster: Cluster) -> str:
-    path = cluster.directory / "logs" / "shop.waypoint.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def access_log(cluster: Cluster) -> list[dict[str, Any]]:
-    marker = "meshway.access: "
-    return [
-        json.loads(line.split(marker, 1)[1])
-        for line in waypoint_log(cluster).splitlines()
-        if marker in line
-    ]
-
-
-def logged(cluster: Cluster, match: Any, start: int = 0) -> dict[str, Any]:
-    """The last access-log entry from `start` on that `match`es, waiting for it: the
-    waypoint writes its access log in batches (every 100 ms)."""
-
-    def find() -> dict[str, Any] | None:
-        return next((e for e in reversed(access_log(cluster)[start:]) if match(e)), None)
-
-    found: dict[str, Any] = cluster.eventually(find, seconds=5)
-    return found
-
-
-def curl(cluster: Cluster, url: str, *args: str) -> dict[str, Any]:
-    """One request from the client pod: status code, headers and body."""
-    out = cluster.exec(
-        "shop/client-0", "curl", "-s", "-D", "-", "--max-time", "10", *args, url, check=False
-    )
-    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
-    while head.startswith("HTTP/") and " 100 " in head.split("\n", 1)[0]:
-        head, _, body = body.partition("\n\n")
-    lines = head.split("\n")
-    if not lines or not lines[0].startswith("HTTP/"):
-        return {"code": 0, "headers": {}, "body": out}
-    headers = {}
-    for line in lines[1:]:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return {"code": int(lines[0].split()[1]), "headers": headers, "body": body}
-
-
-def apply_temporarily(cluster: Cluster, text: str) -> Any:
-    """Apply `text` now, delete it when the returned context ends."""
-
-    class _Ctx:
-        def __enter__(self) -> None:
-            cluster.apply(text)
-            time.sleep(1.0)  # within a second, as promised; one push is milliseconds
-
-        def __exit__(self, *exc: object) -> None:
-            cluster.delete(text)
-            time.sleep(0.5)
-
-    return _Ctx()
 
 
 def test_http_goes_through_the_waypoint_with_the_client_identity(mesh: Cluster) -> None:

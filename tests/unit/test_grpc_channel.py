@@ -89,6 +89,15 @@ def channel_for(port: int, ca: CertificateAuthority | None, **options: float) ->
     )
 
 
+async def sign(channel: GrpcChannel, csr: str, timeout: float = 5) -> ca_pb2.CertificateResponse:
+    return await channel.unary(
+        CREATE_CERTIFICATE,
+        ca_pb2.CertificateRequest(csr=csr),
+        ca_pb2.CertificateResponse,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.parametrize("secure", [True, False], ids=["tls", "cleartext"])
 async def test_unary_calls_metadata_deadline_and_status(
     ca: CertificateAuthority, secure: bool
@@ -107,23 +116,14 @@ async def test_unary_calls_metadata_deadline_and_status(
             assert list(answer.cert_chain) == ["hello", "Bearer t0k3n"]
             assert list(answer.trust_bundle) == ["True"]
             with pytest.raises(GrpcError) as denied:
-                await channel.unary(
-                    CREATE_CERTIFICATE, ca_pb2.CertificateRequest(csr="deny"),
-                    ca_pb2.CertificateResponse, timeout=5,
-                )  # fmt: skip
+                await sign(channel, "deny")
             assert denied.value.code is StatusCode.PERMISSION_DENIED
             assert denied.value.details == "not you: 100% sure"  # percent-decoded
             with pytest.raises(GrpcError) as late:
-                await channel.unary(
-                    CREATE_CERTIFICATE, ca_pb2.CertificateRequest(csr="slow"),
-                    ca_pb2.CertificateResponse, timeout=0.3,
-                )  # fmt: skip
+                await sign(channel, "slow", 0.3)
             assert late.value.code is StatusCode.DEADLINE_EXCEEDED
             # The connection survives a failed call: the next one works.
-            again = await channel.unary(
-                CREATE_CERTIFICATE, ca_pb2.CertificateRequest(csr="again"),
-                ca_pb2.CertificateResponse, timeout=5,
-            )  # fmt: skip
+            again = await sign(channel, "again")
             assert again.cert_chain[0] == "again"
         finally:
             await channel.close()
@@ -157,10 +157,7 @@ async def test_a_wrong_certificate_authority_is_refused(
     async with grpc_server(ca) as port:
         channel = channel_for(port, other)
         with pytest.raises(GrpcError) as refused:
-            await channel.unary(
-                CREATE_CERTIFICATE, ca_pb2.CertificateRequest(csr="x"),
-                ca_pb2.CertificateResponse, timeout=5,
-            )  # fmt: skip
+            await sign(channel, "x")
         assert refused.value.code is StatusCode.UNAVAILABLE
         assert "certificate verify failed" in refused.value.details
         await channel.close()
@@ -209,10 +206,7 @@ async def test_a_peer_that_is_not_http2_fails_the_call_clearly() -> None:
     async with raw_server(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n") as port:
         channel = channel_for(port, None)
         with pytest.raises(GrpcError) as failed:
-            await channel.unary(
-                CREATE_CERTIFICATE, ca_pb2.CertificateRequest(csr="x"),
-                ca_pb2.CertificateResponse, timeout=5,
-            )  # fmt: skip
+            await sign(channel, "x")
         assert failed.value.code is StatusCode.UNAVAILABLE
         await channel.close()
 
@@ -222,10 +216,7 @@ async def test_nothing_listening_is_unavailable() -> None:
         pass  # closed again: the port is free
     channel = channel_for(port, None)
     with pytest.raises(GrpcError) as failed:
-        await channel.unary(
-            CREATE_CERTIFICATE, ca_pb2.CertificateRequest(csr="x"),
-            ca_pb2.CertificateResponse, timeout=5,
-        )  # fmt: skip
+        await sign(channel, "x")
     assert failed.value.code is StatusCode.UNAVAILABLE
     assert "cannot connect" in failed.value.details
     await channel.close()

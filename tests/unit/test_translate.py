@@ -392,6 +392,28 @@ def test_a_route_change_pushes_that_route_only() -> None:
     ]
 
 
+def test_destination_rules_reach_waypoints_with_the_routes() -> None:
+    t = MeshTranslator(MeshSettings())
+    dr = obj(
+        "DestinationRule",
+        "backend",
+        spec={
+            "host": "backend",
+            "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}},
+            "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
+        },
+    )
+    routes = by_type(t.full([*mesh(), dr], "1"))[ROUTE_TYPE]
+    msg = decode_route(routes, "shop/DestinationRule/backend")
+    check_route("shop/DestinationRule/backend", msg)
+    assert json.loads(msg.resource_json)["spec"]["subsets"][0]["name"] == "v1"
+    changed = obj("DestinationRule", "backend", spec={"host": "backend"})
+    (change,) = t.apply([event(EventType.MODIFIED, changed, 2)], "2")
+    assert (change.type_url, set(change.updated)) == (ROUTE_TYPE, {"shop/DestinationRule/backend"})
+    (gone,) = t.apply([event(EventType.DELETED, changed, 3)], "3")
+    assert gone.removed == {"shop/DestinationRule/backend"}
+
+
 @pytest.mark.parametrize(
     ("name", "mutate", "error"),
     [

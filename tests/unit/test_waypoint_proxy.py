@@ -15,7 +15,14 @@ from meshway.api.v1 import address_pb2
 from meshway.node.state import ProxyState
 from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.messages import Request
-from meshway.waypoint.proxy import AccessLog, WaypointDataPath, request_id, upstream_http2
+from meshway.waypoint.proxy import (
+    AccessLog,
+    Target,
+    WaypointDataPath,
+    request_id,
+    upstream_http2,
+)
+from meshway.waypoint.traffic import HashKey
 from meshway.waypoint.upstream import UpstreamPool
 from meshway.xds.client import Update
 from meshway.xds.types import ADDRESS_TYPE
@@ -92,18 +99,18 @@ def test_only_destinations_that_use_this_waypoint_are_accepted() -> None:
     assert dp.destination("192.0.2.1", 80) is None  # unknown: never an open relay
 
 
-def test_endpoints_round_robin_to_target_ports() -> None:
+def test_endpoints_are_picked_on_target_ports() -> None:
     dp = datapath()
     web = dp.destination("10.96.0.10", 80)
     assert web is not None
-    picked = [dp.pick_endpoint(web.service, None, 80) for _ in range(4)]
-    assert [(e.ip, e.port) for e in picked if e] == [
-        ("10.244.1.2", 8080),
-        ("10.244.1.3", 8080),
-        ("10.244.1.2", 8080),
-        ("10.244.1.3", 8080),
-    ]
-    assert dp.pick_endpoint(web.service, None, 443) is None
+    key = HashKey(None, "10.244.0.9")
+    picked = [dp.pick_endpoint(Target(web.service, None, 80), key) for _ in range(50)]
+    assert {(e.ip, e.port) for e in picked if e} == {("10.244.1.2", 8080), ("10.244.1.3", 8080)}
+    assert dp.pick_endpoint(Target(web.service, None, 443), key) is None
+    # Without a DestinationRule: LEAST_REQUEST, Istio's default.
+    dp.traffic.active[("10.244.1.2", 8080)] = 3
+    picks = [dp.pick_endpoint(Target(web.service, None, 80), key) for _ in range(20)]
+    assert {(e.ip, e.port) for e in picks if e} == {("10.244.1.3", 8080)}
 
 
 def test_upstream_protocol_follows_the_port_then_the_client() -> None:

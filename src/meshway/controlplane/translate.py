@@ -27,6 +27,7 @@ from meshway.config.labels import (
 )
 from meshway.config.model import (
     AuthorizationPolicy,
+    DestinationRule,
     Gateway,
     GRPCRoute,
     HTTPRoute,
@@ -44,8 +45,8 @@ from meshway.xds.types import (
     ADDRESS_TYPE,
     ALL_TYPE_URLS,
     AUTHORIZATION_TYPE,
-    ROUTE_KINDS,
     ROUTE_TYPE,
+    WAYPOINT_CONFIG_KINDS,
     route_resource_name,
 )
 
@@ -80,7 +81,7 @@ _INDEXED_KINDS = (
     "AuthorizationPolicy",
     "Gateway",
     "PeerAuthentication",
-    *ROUTE_KINDS,
+    *WAYPOINT_CONFIG_KINDS,
 )
 _MTLS_MODES = {
     "PERMISSIVE": address_pb2.MTLS_PERMISSIVE,
@@ -115,7 +116,7 @@ class _Namespaced:
     def peer_authentications(self) -> dict[str, PeerAuthentication]:
         return self.tables["PeerAuthentication"]
 
-    def route(self, kind: str, name: str) -> HTTPRoute | GRPCRoute | None:
+    def route(self, kind: str, name: str) -> HTTPRoute | GRPCRoute | DestinationRule | None:
         table = self.tables.get(kind)
         return table.get(name) if table is not None else None
 
@@ -138,7 +139,7 @@ class MeshTranslator:
             dirty[ADDRESS_TYPE] |= {f"{ns}/{n}" for n in bucket.workloads}
             dirty[ADDRESS_TYPE] |= {self._service_name(s) for s in bucket.services.values()}
             dirty[AUTHORIZATION_TYPE] |= {f"{ns}/{n}" for n in bucket.policies}
-            for kind in ROUTE_KINDS:
+            for kind in WAYPOINT_CONFIG_KINDS:
                 dirty[ROUTE_TYPE] |= {route_resource_name(ns, kind, n) for n in bucket.tables[kind]}
         return self._recompute(dirty, version)
 
@@ -202,7 +203,7 @@ class MeshTranslator:
             )
             for namespace in list(self._ns) if mesh_wide else [ns]:
                 self._mark_namespace(namespace, dirty)
-        elif isinstance(obj, (HTTPRoute, GRPCRoute)):
+        elif isinstance(obj, (HTTPRoute, GRPCRoute, DestinationRule)):
             dirty[ROUTE_TYPE].add(route_resource_name(ns, obj.KIND, obj.metadata.name))
         elif isinstance(obj, (Namespace, Gateway)):
             self._mark_namespace(obj.metadata.name if isinstance(obj, Namespace) else ns, dirty)
@@ -421,7 +422,7 @@ class MeshTranslator:
         return out
 
     @staticmethod
-    def _route(route: HTTPRoute | GRPCRoute) -> route_pb2.Route:
+    def _route(route: HTTPRoute | GRPCRoute | DestinationRule) -> route_pb2.Route:
         """The route as canonical JSON (sorted keys), so that equal routes are equal bytes.
 
         The status and the resource version are left out: the waypoint reads neither, and a

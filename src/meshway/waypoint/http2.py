@@ -38,6 +38,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame
 
 from meshway.waypoint.messages import (
+    DEFAULT_BODY_LIMIT,
     HOP_BY_HOP,
     Body,
     BodyError,
@@ -112,8 +113,10 @@ class _StreamBody(Body):
 
     __slots__ = ("_on_cancel",)
 
-    def __init__(self, length: int | None, on_cancel: Callable[[], None]) -> None:
-        super().__init__(length=length)
+    def __init__(
+        self, length: int | None, on_cancel: Callable[[], None], limit: int = DEFAULT_BODY_LIMIT
+    ) -> None:
+        super().__init__(limit, length)
         self._on_cancel: Callable[[], None] | None = on_cancel
 
     def cancel(self) -> None:
@@ -166,6 +169,8 @@ class _Connection:
         client_side: bool,
         max_concurrent_streams: int | None,
         on_error: ErrorReporter | None,
+        stream_window: int = STREAM_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._stream = stream
@@ -173,7 +178,7 @@ class _Connection:
         conn = _H2(H2Configuration(client_side=client_side, header_encoding=None))
         codes = h2.settings.SettingCodes
         settings = {
-            codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            codes.INITIAL_WINDOW_SIZE: stream_window,
             codes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
             codes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
         }
@@ -198,7 +203,7 @@ class _Connection:
         self._frame_left = 0 if client_side else _PREFACE_LENGTH
         self._frame_head = bytearray()
         conn.initiate_connection()
-        conn.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        conn.increment_flow_control_window(connection_window - _DEFAULT_WINDOW)
         self._flush()
         self._writer = self._loop.create_task(self._write_loop())
 
@@ -712,13 +717,27 @@ class H2ClientConnection(_Connection):
     a connection by `is_usable` and `available_streams`, and reaps it by `idle_since`.
     """
 
-    def __init__(self, stream: ByteStream) -> None:
+    def __init__(
+        self,
+        stream: ByteStream,
+        *,
+        body_limit: int = DEFAULT_BODY_LIMIT,
+        stream_window: int = STREAM_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
+    ) -> None:
+        """`body_limit`: how much of a response body is buffered before the peer's flow-control
+        credit waits for the consumer (a proxy passes bodies on in small steps; a gRPC client
+        that must hold whole messages anyway takes them as fast as they come), with the
+        receive windows to match."""
         super().__init__(
             stream,
             client_side=True,
             max_concurrent_streams=None,
             on_error=None,
+            stream_window=stream_window,
+            connection_window=connection_window,
         )
+        self._body_limit = body_limit
         self._goaway = False
         self._error = "the HTTP/2 connection is closed"
         self._idle_since: float | None = time.monotonic()
@@ -948,7 +967,7 @@ class H2ClientConnection(_Connection):
             self._fail_exchange(exchange, f"invalid upstream response status {status}")
             self._forget(exchange)
             return
-        body = _StreamBody(length, lambda: self._abandon(exchange))
+        body = _StreamBody(length, lambda: self._abandon(exchange), self._body_limit)
         if event.stream_ended is not None:
             body.end()
         exchange.body = body

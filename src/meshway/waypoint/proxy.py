@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import itertools
 import logging
 import random
 import sys
@@ -61,6 +60,14 @@ from meshway.waypoint.messages import (
 )
 from meshway.waypoint.protocols import sniff
 from meshway.waypoint.routing import RetryPolicy, RouteTable, Timeouts
+from meshway.waypoint.traffic import (
+    Cluster,
+    HashKey,
+    Limiter,
+    Overflow,
+    ServicePolicy,
+    TrafficPolicies,
+)
 from meshway.waypoint.upstream import Endpoint, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -128,6 +135,24 @@ class Downstream:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes: a Service port (or a subset of it), or a workload's port."""
+
+    service: address_pb2.Service | None
+    workload: address_pb2.Workload | None
+    port: int
+    subset: str | None = None
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A request sent to an endpoint and not finished yet, with its connection-pool slot."""
+
+    endpoint: Endpoint
+    limiter: Limiter | None
+
+
 @dataclass(slots=True)
 class Outcome:
     """How one request went, for telemetry."""
@@ -138,6 +163,8 @@ class Outcome:
     attempts: int = 0
     upstream_ms: float | None = None
     details: str = ""
+    # The request whose response is still being relayed (in flight to its endpoint).
+    in_flight: InFlight | None = None
 
 
 class WaypointDataPath:
@@ -164,15 +191,20 @@ class WaypointDataPath:
         self.root_namespace = root_namespace
         self.access_log_enabled = access_log_enabled
         self.access_log = AccessLog(sys.stderr)
-        self._round_robin: dict[str, itertools.count[int]] = {}
+        self.traffic = TrafficPolicies.build([])
         # Endpoints by (service, port), rebuilt after every state change.
-        self._endpoints: dict[tuple[str, int], list[Endpoint]] = {}
+        self._endpoints: dict[tuple[str, int, str | None], list[Endpoint]] = {}
         self._rand = random.random
 
-    def update(self, routes: RouteTable | None = None) -> None:
-        """New mesh state: rebuild the policy index, and the routes when they changed."""
+    def update(
+        self, routes: RouteTable | None = None, traffic: TrafficPolicies | None = None
+    ) -> None:
+        """New mesh state: rebuild the policy index, and the routes and traffic policies
+        when they changed."""
         if routes is not None:
             self.routes = routes
+        if traffic is not None:
+            self.traffic = traffic
         self._endpoints = {}
         self.policies = WaypointPolicyIndex(
             self.state.policies.values(), self.gateway, self.root_namespace
@@ -254,7 +286,9 @@ class WaypointDataPath:
     async def _tcp(self, down: Downstream, stream: ByteStream, first: bytes) -> None:
         started = time.monotonic()
         dest = down.destination
-        endpoint = self.pick_endpoint(dest.service, dest.workload, dest.port)
+        endpoint = self.pick_endpoint(
+            Target(dest.service, dest.workload, dest.port), HashKey(None, down.ip)
+        )
         outcome = Outcome()
         sent = received = 0
         if endpoint is None:
@@ -262,6 +296,7 @@ class WaypointDataPath:
             stream.abort()
         else:
             outcome.endpoint = endpoint
+            flight = self._started(endpoint)
             try:
                 upstream = await self.upstream.open(endpoint)
             except UpstreamError as exc:
@@ -270,6 +305,8 @@ class WaypointDataPath:
                 stream.abort()
             else:
                 sent, received = await copy_both_ways(stream, upstream, first)
+            finally:
+                self._finished(flight)
         self._report(down, "tcp", None, 0, outcome, started, sent, received)
 
     # -- requests --------------------------------------------------------------------------
@@ -308,9 +345,7 @@ class WaypointDataPath:
             request.headers.append(("x-request-id", request_id()))
         timeouts: Timeouts | None = None
         retry: RetryPolicy | None = None
-        target_service = dest.service
-        target_port = dest.port
-        target_workload = dest.workload
+        target = Target(dest.service, dest.workload, dest.port)
         match = None
         if dest.service is not None:
             routes = self.routes.for_service(
@@ -337,16 +372,14 @@ class WaypointDataPath:
                 rejected = match.apply_backend_filters(request)
                 if rejected is not None:
                     return rejected
-                target_service = self._service(backend.namespace, backend.name)
-                target_port = backend.port
-                if target_service is None:
+                service = self._service(backend.namespace, backend.name)
+                if service is None:
                     outcome.flags = "UH"
                     return simple_response(500, f"backend {backend.name} not found\n")
+                target = Target(service, dest.workload, backend.port, backend.subset)
                 timeouts = match.rule.timeouts
                 retry = match.rule.retry
-        response = await self._forward(
-            down, request, target_service, target_workload, target_port, timeouts, retry, outcome
-        )
+        response = await self._forward(down, request, target, timeouts, retry, outcome)
         if match is not None:
             match.apply_response_filters(response)
         return response
@@ -379,61 +412,121 @@ class WaypointDataPath:
                 return svc
         return None
 
-    def pick_endpoint(
-        self,
-        service: address_pb2.Service | None,
-        workload: address_pb2.Workload | None,
-        port: int,
-    ) -> Endpoint | None:
-        """Round robin over the service's endpoints for `port` (or the workload itself)."""
-        if service is None:
+    def pick_endpoint(self, target: Target, key: HashKey) -> Endpoint | None:
+        """The endpoint for `target` by its cluster's load balancer, past ejected endpoints
+        (or the workload itself); None when there is none."""
+        if target.service is None:
+            workload = target.workload
             if workload is None or not workload.addresses:
                 return None
             return Endpoint(
-                workload, ip_text(workload.addresses[0]), port, workload_identity(workload).uri
+                workload,
+                ip_text(workload.addresses[0]),
+                target.port,
+                workload_identity(workload).uri,
             )
-        key = f"{service.namespace}/{service.hostname}"
-        candidates = self._endpoints.get((key, port))
-        if candidates is None:
-            candidates = self._endpoints[(key, port)] = [
-                Endpoint(wl, ip_text(wl.addresses[0]), target, workload_identity(wl).uri)
-                for wl, service_port, target in self.state.indexes.endpoints.get(key, [])
-                if service_port == port and wl.addresses
-            ]
-        if not candidates:
+        cluster = self.cluster(target)
+        candidates = self.candidates(target)
+        if cluster is None or not candidates:
             return None
-        counter = self._round_robin.setdefault(key, itertools.count())
-        return candidates[next(counter) % len(candidates)]
+        return cluster.pick(candidates, key)
+
+    def cluster(self, target: Target) -> Cluster | None:
+        """The Service port (or subset) as a cluster: its DestinationRule's load balancer,
+        limits and outlier detection; None for a subset that no DestinationRule defines."""
+        service = target.service
+        if service is None:
+            return None
+        policy = self.traffic.for_service(service.namespace, service.name)
+        if policy is not None and (target.subset is None or target.subset in policy.subsets):
+            return policy.cluster(target.port, target.subset)
+        if target.subset is not None:
+            return None
+        return self.traffic.default_cluster(service.namespace, service.name, target.port)
+
+    def candidates(self, target: Target) -> list[Endpoint]:
+        service = target.service
+        if service is None:
+            return []
+        policy = self.traffic.for_service(service.namespace, service.name)
+        return self._candidates(service, target.port, target.subset, policy)
+
+    def _candidates(
+        self,
+        service: address_pb2.Service,
+        port: int,
+        subset: str | None,
+        policy: ServicePolicy | None,
+    ) -> list[Endpoint]:
+        """The service's endpoints for `port` (of `subset`), cached until the next update."""
+        key = f"{service.namespace}/{service.hostname}"
+        candidates = self._endpoints.get((key, port, subset))
+        if candidates is None:
+            if subset is None:
+                candidates = [
+                    Endpoint(wl, ip_text(wl.addresses[0]), target, workload_identity(wl).uri)
+                    for wl, service_port, target in self.state.indexes.endpoints.get(key, [])
+                    if service_port == port and wl.addresses
+                ]
+            else:
+                chosen = policy.subsets.get(subset) if policy is not None else None
+                candidates = [
+                    e
+                    for e in self._candidates(service, port, None, policy)
+                    if chosen is not None and chosen.selects(e.workload.labels)
+                ]
+            self._endpoints[(key, port, subset)] = candidates
+        return candidates
+
+    def _started(self, endpoint: Endpoint, limiter: Limiter | None = None) -> InFlight:
+        """A request (or a TCP connection) to `endpoint` begins (for LEAST_REQUEST; its
+        connection-pool slot, if any, is held already)."""
+        active = self.traffic.active
+        active[endpoint.key] = active.get(endpoint.key, 0) + 1
+        return InFlight(endpoint, limiter)
+
+    def _finished(self, flight: InFlight) -> None:
+        """A request (or a TCP connection) is over: its count and its pool slot go."""
+        key = flight.endpoint.key
+        active = self.traffic.active
+        left = active.get(key, 0) - 1
+        if left > 0:
+            active[key] = left
+        else:
+            active.pop(key, None)
+        if flight.limiter is not None:
+            flight.limiter.release()
 
     async def _forward(
         self,
         down: Downstream,
         request: Request,
-        service: address_pb2.Service | None,
-        workload: address_pb2.Workload | None,
-        port: int,
+        target: Target,
         timeouts: Timeouts | None,
         retry: RetryPolicy | None,
         outcome: Outcome,
     ) -> Response:
         total = timeouts.request if timeouts is not None else None
+        key = HashKey(request, down.ip)
         try:
             async with _deadline(total):
-                return await self._attempts(
-                    down, request, service, workload, port, timeouts, retry, outcome
+                response = await self._attempts(
+                    down, request, target, key, timeouts, retry, outcome
                 )
         except TimeoutError:
             outcome.flags = "UT"
             request.body.cancel()
             return simple_response(504, "upstream request timeout")
+        if key.set_cookie is not None:  # a consistent-hash cookie the waypoint created
+            response.headers.append(("set-cookie", key.set_cookie))
+        return response
 
     async def _attempts(
         self,
         down: Downstream,
         request: Request,
-        service: address_pb2.Service | None,
-        workload: address_pb2.Workload | None,
-        port: int,
+        target: Target,
+        key: HashKey,
         timeouts: Timeouts | None,
         retry: RetryPolicy | None,
         outcome: Outcome,
@@ -461,12 +554,36 @@ class WaypointDataPath:
         while True:
             attempt += 1
             outcome.attempts = attempt
-            endpoint = self.pick_endpoint(service, workload, port)
+            cluster = self.cluster(target)
+            candidates = self.candidates(target)
+            if target.service is None:
+                endpoint = self.pick_endpoint(target, key)  # a workload: itself
+            elif cluster is not None and candidates:
+                endpoint = cluster.pick(candidates, key)
+            else:
+                endpoint = None
             if endpoint is None:
-                outcome.flags = "UH"
                 request.body.cancel()
+                if target.subset is not None and cluster is None:
+                    outcome.flags = "NC"
+                    return simple_response(503, f"no subset {target.subset!r} defined\n")
+                outcome.flags = "UH"
                 return simple_response(503, "no healthy upstream")
             outcome.endpoint = endpoint
+            limiter = cluster.limiter if cluster is not None else None
+            if limiter is not None:
+                try:
+                    await limiter.acquire()
+                except Overflow as exc:
+                    request.body.cancel()
+                    outcome.flags = "UO"
+                    outcome.details = str(exc)
+                    return simple_response(
+                        503,
+                        "upstream connect error or disconnect/reset before headers. "
+                        "reset reason: overflow",
+                    )
+            flight = self._started(endpoint, limiter)
             if replay is not None:
                 request.body = Body.of(replay, request.body.trailers)
             status: int | None = None
@@ -482,6 +599,7 @@ class WaypointDataPath:
                     or not retry.should_retry(request.method, status, attempt, body_sent=True)
                 ):
                     outcome.flags = "-" if attempt == 1 or status < 500 else "URX"
+                    outcome.in_flight = flight  # until its body is done (`_track`)
                     return response
                 response.body.cancel()
                 failure = simple_response(status, "")
@@ -504,6 +622,11 @@ class WaypointDataPath:
                 ):
                     outcome.flags = failure_flags if attempt == 1 else "URX"
                     return failure
+            finally:
+                if cluster is not None and cluster.outliers is not None:
+                    cluster.outliers.record(endpoint, status, len(candidates))
+                if outcome.in_flight is not flight:
+                    self._finished(flight)
             if retry is None:
                 outcome.flags = failure_flags
                 return failure
@@ -523,6 +646,9 @@ class WaypointDataPath:
         grpc = (request.header("content-type") or "").startswith("application/grpc")
 
         def done(response_bytes: int, complete: bool) -> None:
+            if outcome.in_flight is not None:
+                self._finished(outcome.in_flight)
+                outcome.in_flight = None
             if not complete and outcome.flags == "-":
                 outcome.flags = "DC"
             self._report(

@@ -76,6 +76,10 @@ MAX_BACKOFF_FACTOR = 10
 _WELL_KNOWN_PORTS = {"http": 80, "https": 443}
 
 RouteKind = Literal["HTTPRoute", "GRPCRoute"]
+# A backendRef to a DestinationRule subset: {group: meshway.io, kind: ServiceSubset,
+# name: <service>.<subset>, port: <service port>}.
+SUBSET_GROUP = "meshway.io"
+SUBSET_KIND = "ServiceSubset"
 
 
 # --------------------------------------------------------------------------- policies
@@ -299,6 +303,8 @@ class Backend:
     weight: int
     hostname: str
     filters: FilterChain = NO_FILTERS
+    # A DestinationRule subset of the Service (`traffic.py`), or None for all its endpoints.
+    subset: str | None = None
 
 
 class CompiledRule:
@@ -867,8 +873,18 @@ def _single_prefix(matches: Sequence[HTTPRouteMatch]) -> str | None:
 def _compile_backend(
     ref: HTTPBackendRef | GRPCBackendRef, prefix: str | None, ctx: _Context, where: str
 ) -> tuple[int, Backend | None]:
-    """(weight, backend), with None for an invalid backendRef that keeps its share."""
-    if ref.kind != "Service" or ref.group not in CORE_GROUPS:
+    """(weight, backend), with None for an invalid backendRef that keeps its share.
+
+    Besides core Services, a backendRef may name a DestinationRule subset of a Service:
+    group `meshway.io`, kind `ServiceSubset`, name `<service>.<subset>`, and the Service port.
+    """
+    name, subset = ref.name, None
+    if ref.group == SUBSET_GROUP and ref.kind == SUBSET_KIND:
+        name, _, subset = ref.name.partition(".")
+        if not name or not subset:
+            ctx.problems.append(f"{where}: a {SUBSET_KIND} is named <service>.<subset>")
+            return ref.weight, None
+    elif ref.kind != "Service" or ref.group not in CORE_GROUPS:
         ctx.problems.append(f"{where}: unsupported backend kind {ref.group or 'core'}/{ref.kind}")
         return ref.weight, None
     if ref.port is None:
@@ -879,7 +895,7 @@ def _compile_backend(
         return ref.weight, None
     namespace = ref.namespace or ctx.namespace
     return ref.weight, Backend(
-        namespace, ref.name, ref.port, ref.weight, ctx.hostname(namespace, ref.name), filters
+        namespace, name, ref.port, ref.weight, ctx.hostname(namespace, name), filters, subset
     )
 
 

@@ -35,6 +35,7 @@ from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.messages import ByteStream, TcpStream
 from meshway.waypoint.proxy import WaypointDataPath
 from meshway.waypoint.routing import RouteTable
+from meshway.waypoint.traffic import TrafficPolicies
 from meshway.waypoint.upstream import Endpoint, UpstreamPool
 from meshway.xds.client import Update, XdsClient
 from meshway.xds.types import ROUTE_TYPE, waypoint_types
@@ -130,14 +131,29 @@ class Waypoint:
             self._routes_changed = True
         else:
             self.state.apply(update)
-        table = None
         if self._routes_changed:
-            table = RouteTable.build(self.routes.values(), self.config.cluster_domain)
             self._routes_changed = False
-        self.datapath.update(table)
+            self.datapath.update(*self._compile())
+        else:
+            self.datapath.update()
         own = self.state.workloads.get(f"{self.config.namespace}/{self.config.name}")
         if own is not None and own.trust_domain and own.trust_domain != self.identity.trust_domain:
             self.identity = SpiffeId(own.trust_domain, self.config.namespace, self.config.name)
+
+    def _compile(self) -> tuple[RouteTable, TrafficPolicies]:
+        """The route table and the traffic policies from the Route resources (HTTPRoutes,
+        GRPCRoutes and DestinationRules); requests in flight keep being counted."""
+        routes = [r for r in self.routes.values() if r.KIND != "DestinationRule"]
+        rules = [r for r in self.routes.values() if r.KIND == "DestinationRule"]
+        return (
+            RouteTable.build(routes, self.config.cluster_domain),
+            TrafficPolicies.build(
+                rules,
+                self.config.cluster_domain,
+                self.config.root_namespace,
+                active=self.datapath.traffic.active,
+            ),
+        )
 
     def _creds(self) -> WorkloadCredentials:
         creds = self.certs.current(self.identity)
@@ -182,7 +198,7 @@ class Waypoint:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.xds.run())
             await self.xds.wait_synced(None)
-            self.datapath.update(RouteTable.build(self.routes.values(), self.config.cluster_domain))
+            self.datapath.update(*self._compile())
             await self.certs.get(self.identity)
             self.certs.retain({self.identity})
             tg.create_task(self.certs.run())

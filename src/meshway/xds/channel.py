@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
 MAX_MESSAGE = 256 * 1024 * 1024
+# Per stream and per connection (HTTP/2's largest window is 2**31 - 1).
+RECEIVE_WINDOW = 64 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
 _PREFIX = struct.Struct(">BI")
 _CALL_ERRORS: tuple[type[Exception], ...] = (BodyError, *STREAM_ERRORS)
@@ -210,7 +212,15 @@ class GrpcChannel:
                 raise GrpcError(
                     StatusCode.UNAVAILABLE, f"{self.host}:{self.port} does not speak HTTP/2"
                 )
-        return H2ClientConnection(TcpStream(reader, writer))
+        # Whole messages are held anyway: windows large enough for a full state at once let
+        # the control plane hand it over and free it, however busy this reader is (grpcio
+        # grows its windows to the same end).
+        return H2ClientConnection(
+            TcpStream(reader, writer),
+            body_limit=self.max_message,
+            stream_window=RECEIVE_WINDOW,
+            connection_window=RECEIVE_WINDOW,
+        )
 
     async def _keep_alive(self, conn: H2ClientConnection) -> None:
         """PING every `keepalive` seconds; a missing acknowledgement closes the connection,

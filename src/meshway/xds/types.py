@@ -16,6 +16,8 @@ WAYPOINT_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE)
 # Everything the control plane serves.
 ALL_TYPE_URLS = WAYPOINT_TYPE_URLS
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+# What the Route type carries to waypoints: the routes and the traffic policies.
+WAYPOINT_CONFIG_KINDS = (*ROUTE_KINDS, "DestinationRule")
 
 
 def route_resource_name(namespace: str, kind: str, name: str) -> str:
@@ -56,8 +58,8 @@ def check_route(name: str, msg: route_pb2.Route) -> None:
     node proxy imports this module and does not load pydantic), so a route the waypoint would
     not understand is NACKed and shows up in the control plane's sync status.
     """
-    if msg.kind not in ROUTE_KINDS:
-        raise ValueError(f"kind '{msg.kind}' is not one of {', '.join(ROUTE_KINDS)}")
+    if msg.kind not in WAYPOINT_CONFIG_KINDS:
+        raise ValueError(f"kind '{msg.kind}' is not one of {', '.join(WAYPOINT_CONFIG_KINDS)}")
     expected = route_resource_name(msg.namespace, msg.kind, msg.name)
     if name != expected:
         raise ValueError(f"resource name does not match route '{expected}'")

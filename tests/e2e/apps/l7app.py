@@ -1,7 +1,10 @@
 """Test applications for the waypoint's end-to-end tests, run inside pods.
 
-l7app.py http PORT VERSION   an HTTP/1.1 server (aiohttp): JSON echo of each request,
-                             /slow (2 s), /flaky/KEY (503 twice, then 200), /ws (WebSocket echo)
+l7app.py http PORT VERSION [DELAY [STATUS]]
+                             an HTTP/1.1 server (aiohttp): JSON echo of each request (after
+                             DELAY seconds, with STATUS), /slow (2 s), /flaky/KEY (503 twice,
+                             then 200), /ws (WebSocket echo)
+l7app.py hits URL N C [H..]  N GETs, C at a time (aiohttp); prints what each got (JSON)
 l7app.py grpc PORT           a gRPC server (grpcio, generic handlers): demo.Echo/Say (unary),
                              demo.Echo/Count (server streaming), demo.Echo/Fail (NOT_FOUND)
 """
@@ -14,13 +17,15 @@ import json
 import sys
 
 
-def http(port: int, version: str) -> None:
+def http(port: int, version: str, delay: float = 0.0, status: int = 200) -> None:
     from aiohttp import web
 
     flaky: collections.Counter[str] = collections.Counter()
 
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
+        if delay:
+            await asyncio.sleep(delay)
         data = {
             "version": version,
             "method": request.method,
@@ -30,7 +35,7 @@ def http(port: int, version: str) -> None:
             "headers": {k.lower(): v for k, v in request.headers.items()},
             "body_bytes": len(body),
         }
-        return web.json_response(data, headers={"x-version": version})
+        return web.json_response(data, status=status, headers={"x-version": version})
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(2)
@@ -121,10 +126,48 @@ def ws_client(url: str) -> None:
     asyncio.run(run())
 
 
+def hits(url: str, total: int, concurrency: int, headers: list[str]) -> None:
+    """`total` GETs of `url`, `concurrency` at a time; prints one JSON object: for each request
+    in order its status, the answering server's version, and any set-cookie. A header
+    "name: value" may use {i}, the request's number."""
+    import aiohttp
+
+    results: list[dict[str, object] | None] = [None] * total
+    numbers = iter(range(total))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for i in numbers:
+            sent = dict(h.format(i=i).split(": ", 1) for h in headers)
+            async with session.get(url, headers=sent) as response:
+                body = await response.read()
+                results[i] = {
+                    "code": response.status,
+                    "version": response.headers.get("x-version"),
+                    "set_cookie": response.headers.get("set-cookie"),
+                    "body": body.decode(errors="replace")[:200],
+                }
+
+    async def main() -> None:
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+
+    asyncio.run(main())
+    print(json.dumps(results))
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "http":
-        http(int(sys.argv[2]), sys.argv[3])
+        extra = sys.argv[4:]
+        http(
+            int(sys.argv[2]),
+            sys.argv[3],
+            float(extra[0]) if extra else 0.0,
+            int(extra[1]) if len(extra) > 1 else 200,
+        )
+    elif mode == "hits":
+        hits(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
     elif mode == "grpc":
         grpc_server(int(sys.argv[2]))
     elif mode == "grpc-client":
