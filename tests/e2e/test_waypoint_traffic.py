@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import textwrap
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,11 +37,12 @@ WEB_PODS = [f"web-{i}" for i in range(4)]
 SLOW_PODS = [f"slow-{i}" for i in range(4)]
 
 MANIFEST = (
-    shop_with_waypoint("client", "web", "slow", "flaky")
+    shop_with_waypoint("client", "web", "slow", "flaky", "shadow")
     + http_service("web", "app: web")
     + http_service("slow", "app: slow")
     + http_service("lagging", "app: slow, role: lagging")
     + http_service("flaky", "app: flaky")
+    + http_service("shadow", "app: shadow")
     + workload("client-0", "node-1", ["sleep", "infinity"])
     + "".join(
         workload(pod, "node-2", [PY, APP, "http", "8080", pod], f", version: v{i % 2 + 1}")
@@ -59,8 +61,11 @@ MANIFEST = (
     # flaky-1 answers every request with 500.
     + workload("flaky-0", "node-2", [PY, APP, "http", "8080", "flaky-0"])
     + workload("flaky-1", "node-2", [PY, APP, "http", "8080", "flaky-1", "0", "500"])
+    # shadow-0 takes a second per request: mirrors go there.
+    + workload("shadow-0", "node-2", [PY, APP, "http", "8080", "shadow-0", "1"])
 )
 WEB = "http://web.shop.svc.cluster.local"
+SHADOW = "http://shadow.shop.svc.cluster.local"
 SLOW = "http://slow.shop.svc.cluster.local"
 LAGGING = "http://lagging.shop.svc.cluster.local"
 FLAKY = "http://flaky.shop.svc.cluster.local"
@@ -255,3 +260,52 @@ def test_outlier_detection_ejects_a_failing_endpoint_and_lets_it_back(mesh: Clus
         assert len(failed) == 2 and failed[-1] <= 4, [r["code"] for r in first]
         assert all(r["version"] == "flaky-0" for r in first[failed[-1] + 1 :])
         mesh.eventually(lambda: any(r["code"] == 500 for r in hits(mesh, f"{FLAKY}/b", 4, 1)), 10)
+
+
+def test_request_mirror_copies_its_share_and_never_slows_the_primary(mesh: Cluster) -> None:
+    route = textwrap.dedent("""\
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: web-mirror, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+          rules:
+          - backendRefs: [{name: web, port: 80}]
+            filters:
+            - type: RequestMirror
+              requestMirror: {backendRef: {name: shadow, port: 80}, percent: 50}
+        """)
+
+    def mirrored() -> dict[str, Any]:
+        reply = curl(mesh, f"{SHADOW}/_count")
+        assert reply["code"] == 200, reply
+        counts: dict[str, Any] = json.loads(reply["body"])
+        return counts
+
+    with apply_temporarily(mesh, route):
+        before = mirrored()["count"]
+        sent_before = mirror_metric(mesh, "sent")
+        started = time.monotonic()
+        primary = hits(mesh, f"{WEB}/mirrored", 200, 4)
+        elapsed = time.monotonic() - started
+        # The copies take a second each at the mirror; they all arrive within a few.
+        sent = mesh.eventually(
+            lambda: (n := mirror_metric(mesh, "sent") - sent_before) >= 40 and n, seconds=15
+        )
+        mesh.eventually(lambda: mirrored()["count"] - before >= sent, seconds=15)
+        after = mirrored()
+    assert [r["code"] for r in primary] == [200] * 200
+    # Had the primary waited for its copy, 100 of its requests would have taken a second each.
+    assert elapsed < 15, elapsed
+    share = (after["count"] - before) / 200
+    assert 0.3 <= share <= 0.7, share  # 50 %; the binomial sd is 3.5 %
+    assert set(after["hosts"]) == {"web.shop.svc.cluster.local-shadow"}
+
+
+def mirror_metric(cluster: Cluster, outcome: str) -> float:
+    """meshway_waypoint_mirrored_requests_total{outcome} from the waypoint's /metrics."""
+    pods = cluster.status().get("pods") or {}
+    ip = pods["shop/waypoint"]["ip"]
+    text = cluster.exec("shop/client-0", "curl", "-s", f"http://{ip}:15020/metrics")
+    prefix = f'meshway_waypoint_mirrored_requests_total{{outcome="{outcome}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from meshway.api.v1 import address_pb2
+from meshway.identity.spiffe import SpiffeId
 from meshway.node.state import ProxyState
 from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.messages import Request
@@ -136,3 +137,37 @@ async def test_access_log_batches_lines() -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert [json.loads(line.split("meshway.access: ", 1)[1])["a"] for line in lines] == [1, 2]
+
+
+async def test_mirror_copies_only_whole_small_bodies_and_leaves_the_request_intact() -> None:
+    from meshway.waypoint.messages import Body
+    from meshway.waypoint.proxy import Downstream
+    from meshway.waypoint.routing import Mirror
+
+    dp = datapath()
+    dest = dp.destination("10.96.0.10", 80)
+    assert dest is not None
+    down = Downstream(SpiffeId("cluster.local", "shop", "client"), "10.244.0.9", None, dest)
+    mirror = (Mirror("shop", "db", 80, "db.shop.svc.cluster.local", 1.0),)
+
+    def sent(outcome: str) -> float:
+        return dp.metrics.mirrors.labels(outcome=outcome)._value.get()
+
+    big = Body()
+    big.put_nowait(b"x" * 100_000)
+    big.end()
+    request = Request("POST", "/", "web", [], big)
+    await dp._mirror(down, request, mirror)
+    assert request.body is big and big.buffered == 100_000  # not read: forwarded whole
+    assert sent("body_not_copied") == 1
+
+    streaming = Body()  # no length, still arriving: not waited for
+    request = Request("POST", "/", "web", [], streaming)
+    await dp._mirror(down, request, mirror)
+    assert request.body is streaming and sent("body_not_copied") == 2
+
+    request = Request("POST", "/", "web", [("x-a", "1")], Body.of(b"small"))
+    await dp._mirror(down, request, mirror)
+    assert await request.body.read_all() == b"small"  # the primary still has its body
+    await asyncio.sleep(0.05)
+    assert sent("no_endpoint") == 1  # the copy went its own way (db has no endpoint here)

@@ -230,6 +230,13 @@ class WaypointMetrics:
             ["outcome", "protocol"],
             registry=r,
         )
+        self.mirrors = Counter(
+            "meshway_waypoint_mirrored_requests",
+            "RequestMirror copies, by outcome (sent, failed, no_endpoint, body_not_copied, "
+            "too_many_in_flight).",
+            ["outcome"],
+            registry=r,
+        )
         self.hbone_errors = Gauge(
             "meshway_waypoint_hbone_rejected_connections",
             "HBONE connections and requests closed for bad input, by reason.",

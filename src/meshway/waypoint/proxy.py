@@ -50,6 +50,7 @@ from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.http1 import copy_both_ways, serve_h1
 from meshway.waypoint.http2 import serve_h2
 from meshway.waypoint.messages import (
+    STREAM_ERRORS,
     Body,
     BodyError,
     ByteStream,
@@ -59,7 +60,7 @@ from meshway.waypoint.messages import (
     simple_response,
 )
 from meshway.waypoint.protocols import sniff
-from meshway.waypoint.routing import RetryPolicy, RouteTable, Timeouts
+from meshway.waypoint.routing import Mirror, RetryPolicy, RouteTable, Timeouts
 from meshway.waypoint.traffic import (
     Cluster,
     HashKey,
@@ -77,6 +78,17 @@ _NO_POLICY = Decision(True, None, "no policy")
 SNIFF_TIMEOUT = 1.0
 # Request bodies up to this size are kept so that a retry can send them again.
 RETRY_BUFFER = 64 * 1024
+# RequestMirror: the largest body copied, the longest a copy may take, and how many copies may
+# be on their way at once (beyond, a copy is dropped rather than queued).
+MIRROR_BODY = 64 * 1024
+MIRROR_TIMEOUT = 10.0
+MAX_MIRRORS_IN_FLIGHT = 1024
+_MIRROR_ERRORS: tuple[type[Exception], ...] = (
+    TimeoutError,
+    UpstreamError,
+    BodyError,
+    *STREAM_ERRORS,
+)
 _HTTP2_PROTOCOLS = frozenset({"http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c"})
 _HTTP1_PROTOCOLS = frozenset({"http", "http1", "http/1.1", "kubernetes.io/ws"})
 _TCP_PROTOCOLS = frozenset({"tcp", "mongo", "mysql", "redis", "tls", "https", "kubernetes.io/wss"})
@@ -195,6 +207,7 @@ class WaypointDataPath:
         # Endpoints by (service, port), rebuilt after every state change.
         self._endpoints: dict[tuple[str, int, str | None], list[Endpoint]] = {}
         self._rand = random.random
+        self._mirroring: set[asyncio.Future[None]] = set()
 
     def update(
         self, routes: RouteTable | None = None, traffic: TrafficPolicies | None = None
@@ -379,10 +392,71 @@ class WaypointDataPath:
                 target = Target(service, dest.workload, backend.port, backend.subset)
                 timeouts = match.rule.timeouts
                 retry = match.rule.retry
+                mirrors = match.mirrors
+                if mirrors:
+                    await self._mirror(down, request, mirrors)
         response = await self._forward(down, request, target, timeouts, retry, outcome)
         if match is not None:
             match.apply_response_filters(response)
         return response
+
+    async def _mirror(
+        self, down: Downstream, request: Request, mirrors: tuple[Mirror, ...]
+    ) -> None:
+        """Send copies of `request` to the mirrors its draw picks, without waiting for them.
+
+        A copy needs the whole body: one that has arrived, or one of a known length up to
+        MIRROR_BODY (read here and handed to the request again); a request whose body is
+        larger or still streaming in is not mirrored. As Envoy does, the copy's authority gets
+        "-shadow" appended, and its response is dropped.
+        """
+        chosen = [m for m in mirrors if m.fraction > 0 and self._rand() < m.fraction]
+        if not chosen:
+            return
+        body = request.body
+        size = body.length if body.length is not None else (body.buffered if body.ended else None)
+        if size is None or size > MIRROR_BODY:
+            self.metrics.mirrors.labels(outcome="body_not_copied").inc(len(chosen))
+            return
+        try:
+            data = await body.read_all()
+        except BodyError:
+            return  # the primary request fails the same way when it is forwarded
+        request.body = Body.of(data, body.trailers)
+        for mirror in chosen:
+            if len(self._mirroring) >= MAX_MIRRORS_IN_FLIGHT:
+                self.metrics.mirrors.labels(outcome="too_many_in_flight").inc()
+                continue
+            copy = Request(
+                request.method,
+                request.path,
+                f"{request.authority}-shadow",
+                list(request.headers),
+                Body.of(data, body.trailers),
+                request.scheme,
+                request.protocol,
+            )
+            task = asyncio.ensure_future(self._send_mirror(down, copy, mirror))
+            self._mirroring.add(task)
+            task.add_done_callback(self._mirroring.discard)
+
+    async def _send_mirror(self, down: Downstream, request: Request, mirror: Mirror) -> None:
+        service = self._service(mirror.namespace, mirror.name)
+        target = Target(service, None, mirror.port)
+        endpoint = self.pick_endpoint(target, HashKey(request, down.ip)) if service else None
+        if endpoint is None:
+            self.metrics.mirrors.labels(outcome="no_endpoint").inc()
+            return
+        try:
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                http2 = upstream_http2(down.destination.app_protocol, request)
+                response = await self.upstream.request(endpoint, request, http2)
+                await response.body.read_all()  # read to the end: the connection stays usable
+        except _MIRROR_ERRORS as exc:
+            log.debug("mirror to %s failed: %s", mirror.hostname, exc)
+            self.metrics.mirrors.labels(outcome="failed").inc()
+            return
+        self.metrics.mirrors.labels(outcome="sent").inc()
 
     def _authorize(self, down: Downstream, request: Request) -> Decision:
         dest = down.destination

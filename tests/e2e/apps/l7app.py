@@ -3,7 +3,7 @@
 l7app.py http PORT VERSION [DELAY [STATUS]]
                              an HTTP/1.1 server (aiohttp): JSON echo of each request (after
                              DELAY seconds, with STATUS), /slow (2 s), /flaky/KEY (503 twice,
-                             then 200), /ws (WebSocket echo)
+                             then 200), /ws (WebSocket echo), /_count (echoes so far, by host)
 l7app.py hits URL N C [H..]  N GETs, C at a time (aiohttp); prints what each got (JSON)
 l7app.py grpc PORT           a gRPC server (grpcio, generic handlers): demo.Echo/Say (unary),
                              demo.Echo/Count (server streaming), demo.Echo/Fail (NOT_FOUND)
@@ -21,8 +21,10 @@ def http(port: int, version: str, delay: float = 0.0, status: int = 200) -> None
     from aiohttp import web
 
     flaky: collections.Counter[str] = collections.Counter()
+    hosts: collections.Counter[str] = collections.Counter()
 
     async def echo(request: web.Request) -> web.Response:
+        hosts[request.host] += 1
         body = await request.read()
         if delay:
             await asyncio.sleep(delay)
@@ -55,7 +57,11 @@ def http(port: int, version: str, delay: float = 0.0, status: int = 200) -> None
             await sock.send_str(f"{version}:{msg.data}")
         return sock
 
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"count": sum(hosts.values()), "hosts": dict(hosts)})
+
     app = web.Application()
+    app.router.add_get("/_count", count)
     app.router.add_get("/ws", ws)
     app.router.add_get("/slow", slow)
     app.router.add_route("*", "/flaky/{key}", flaky_handler)
