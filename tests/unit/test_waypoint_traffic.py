@@ -93,11 +93,11 @@ def test_round_robin_random_and_least_request() -> None:
             rule("rand", {"host": "rand", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}),
         ]
     )
-    rr = policies.for_service("shop", "rr").balancer(80, None)  # type: ignore[union-attr]
+    rr = policies.for_service("shop", "rr").cluster(80, None).balancer  # type: ignore[union-attr]
     assert [rr.pick(eps, key()).ip for _ in range(8)] == [e.ip for e in eps] * 2
 
     random.seed(7)
-    rand = policies.for_service("shop", "rand").balancer(80, None)  # type: ignore[union-attr]
+    rand = policies.for_service("shop", "rand").cluster(80, None).balancer  # type: ignore[union-attr]
     counts = collections.Counter(rand.pick(eps, key()).ip for _ in range(8000))
     # 2000 expected each; binomial sd ~39: 6 sd either way.
     assert all(abs(c - 2000) < 240 for c in counts.values()), counts
@@ -189,10 +189,12 @@ def test_subsets_and_their_load_balancer_overrides() -> None:
     )
     policy = TrafficPolicies.build([dr]).for_service("shop", "web")
     assert policy is not None
-    assert type(policy.balancer(80, None)).__name__ == "RandomChoice"
-    assert type(policy.balancer(9090, None)).__name__ == "RoundRobin"
-    assert type(policy.balancer(9090, "v1")).__name__ == "RoundRobin"  # the rule's port level
-    assert type(policy.balancer(80, "v2")).__name__ == "RingHash"  # the subset's own
+    assert type(policy.cluster(80, None).balancer).__name__ == "RandomChoice"
+    assert type(policy.cluster(9090, None).balancer).__name__ == "RoundRobin"
+    assert (
+        type(policy.cluster(9090, "v1").balancer).__name__ == "RoundRobin"
+    )  # the rule's port level
+    assert type(policy.cluster(80, "v2").balancer).__name__ == "RingHash"
     eps = endpoints(4)
     assert [e.workload.name for e in eps if policy.subsets["v2"].selects(e.workload.labels)] == [
         "web-1",

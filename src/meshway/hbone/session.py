@@ -424,9 +424,11 @@ class H2Session(asyncio.Protocol):
             raise _closed_under_us(stream_id) from None
 
     def send_data(self, stream_id: int, data: memoryview, *, end_stream: bool = False) -> None:
-        """Send `data` (which must fit the window) in frames of the peer's maximum size."""
-        if self.send_some(stream_id, data, end_stream=end_stream) < len(data):
+        """Send `data` (which must fit the window) in frames of the peer's maximum size; if it
+        does not fit, nothing is sent."""
+        if len(data) > self.sendable(stream_id):
             raise HboneError(f"{len(data)} bytes do not fit the flow-control window")
+        self.send_some(stream_id, data, end_stream=end_stream)
 
     def send_some(self, stream_id: int, data: memoryview, *, end_stream: bool = False) -> int:
         """Send as much of `data` as the flow-control windows allow now (in frames of the

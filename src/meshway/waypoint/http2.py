@@ -599,30 +599,16 @@ class _H2Server(_Connection):
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
-        method = path = authority = ""
-        scheme = "http"
-        host: str | None = None
-        length: int | None = None
-        headers: Headers = []
-        for raw_name, raw_value in event.headers:
-            name = raw_name.decode("latin-1")
-            value = raw_value.decode("latin-1")
-            if raw_name[0] == _COLON:
-                if name == ":method":
-                    method = value
-                elif name == ":path":
-                    path = value
-                elif name == ":authority":
-                    authority = value
-                elif name == ":scheme":
-                    scheme = value
-                continue
-            if name == "host":
-                host = value  # carried as the authority, like the HTTP/1.1 server does
-                continue
-            if name == "content-length" and value.isdigit():
-                length = int(value)
-            headers.append((name, value))
+        pseudo, headers, length = _read_block(event.headers)
+        # Host is carried as the authority, like the HTTP/1.1 server does.
+        hosts = [value for name, value in headers if name == "host"]
+        if hosts:
+            headers = [h for h in headers if h[0] != "host"]
+        host = hosts[-1] if hosts else None
+        method = pseudo.get(":method", "")
+        path = pseudo.get(":path", "")
+        authority = pseudo.get(":authority", "")
+        scheme = pseudo.get(":scheme", "http")
         exchange = _Exchange(stream_id)
         body = _StreamBody(length, lambda: self._abandon(exchange))
         if event.stream_ended is not None:
@@ -949,19 +935,9 @@ class H2ClientConnection(_Connection):
         exchange = self._exchanges.get(event.stream_id)
         if exchange is None or exchange.response is None:
             return
-        status = 0
-        length: int | None = None
-        headers: Headers = []
-        for raw_name, raw_value in event.headers:
-            name = raw_name.decode("latin-1")
-            value = raw_value.decode("latin-1")
-            if raw_name[0] == _COLON:
-                if name == ":status" and value.isdigit():
-                    status = int(value)
-                continue
-            if name == "content-length" and value.isdigit():
-                length = int(value)
-            headers.append((name, value))
+        pseudo, headers, length = _read_block(event.headers)
+        status_text = pseudo.get(":status", "")
+        status = int(status_text) if status_text.isdigit() else 0
         if not 200 <= status <= 999:
             self._reset(exchange, ErrorCodes.PROTOCOL_ERROR)
             self._fail_exchange(exchange, f"invalid upstream response status {status}")
@@ -1086,6 +1062,26 @@ def _encode(text: str) -> bytes:
         return text.encode("latin-1")
     except UnicodeEncodeError:
         return text.encode("utf-8")
+
+
+def _read_block(
+    block: Iterable[tuple[bytes, bytes]],
+) -> tuple[dict[str, str], Headers, int | None]:
+    """A received header block: its pseudo-headers (the last of each name), its regular
+    headers in order, and the content-length when one is given as digits."""
+    pseudo: dict[str, str] = {}
+    headers: Headers = []
+    length: int | None = None
+    for raw_name, raw_value in block:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("latin-1")
+        if raw_name[0] == _COLON:
+            pseudo[name] = value
+            continue
+        if name == "content-length" and value.isdigit():
+            length = int(value)
+        headers.append((name, value))
+    return pseudo, headers, length
 
 
 def _decode(block: Iterable[tuple[bytes, bytes]]) -> Headers:

@@ -499,31 +499,28 @@ class WaypointDataPath:
                 target.port,
                 workload_identity(workload).uri,
             )
-        cluster = self.cluster(target)
-        candidates = self.candidates(target)
+        cluster, candidates = self.resolve(target)
         if cluster is None or not candidates:
             return None
         return cluster.pick(candidates, key)
 
-    def cluster(self, target: Target) -> Cluster | None:
-        """The Service port (or subset) as a cluster: its DestinationRule's load balancer,
-        limits and outlier detection; None for a subset that no DestinationRule defines."""
+    def resolve(self, target: Target) -> tuple[Cluster | None, list[Endpoint]]:
+        """A Service port (or subset) as a cluster (its DestinationRule's load balancer,
+        limits and outlier detection) and its endpoints, from one lookup of the rule.
+        (None, []) for a workload target, and for a subset no DestinationRule defines."""
         service = target.service
         if service is None:
-            return None
+            return None, []
         policy = self.traffic.for_service(service.namespace, service.name)
-        if policy is not None and (target.subset is None or target.subset in policy.subsets):
-            return policy.cluster(target.port, target.subset)
-        if target.subset is not None:
-            return None
-        return self.traffic.default_cluster(service.namespace, service.name, target.port)
-
-    def candidates(self, target: Target) -> list[Endpoint]:
-        service = target.service
-        if service is None:
-            return []
-        policy = self.traffic.for_service(service.namespace, service.name)
-        return self._candidates(service, target.port, target.subset, policy)
+        if policy is not None:
+            if target.subset is not None and target.subset not in policy.subsets:
+                return None, []
+            cluster = policy.cluster(target.port, target.subset)
+        elif target.subset is not None:
+            return None, []
+        else:
+            cluster = self.traffic.default_cluster(service.namespace, service.name, target.port)
+        return cluster, self._candidates(service, target.port, target.subset, policy)
 
     def _candidates(
         self,
@@ -543,11 +540,12 @@ class WaypointDataPath:
                     if service_port == port and wl.addresses
                 ]
             else:
-                chosen = policy.subsets.get(subset) if policy is not None else None
+                assert policy is not None  # `resolve` checked that the subset is defined
+                chosen = policy.subsets[subset]
                 candidates = [
                     e
                     for e in self._candidates(service, port, None, policy)
-                    if chosen is not None and chosen.selects(e.workload.labels)
+                    if chosen.selects(e.workload.labels)
                 ]
             self._endpoints[(key, port, subset)] = candidates
         return candidates
@@ -628,8 +626,7 @@ class WaypointDataPath:
         while True:
             attempt += 1
             outcome.attempts = attempt
-            cluster = self.cluster(target)
-            candidates = self.candidates(target)
+            cluster, candidates = self.resolve(target)
             if target.service is None:
                 endpoint = self.pick_endpoint(target, key)  # a workload: itself
             elif cluster is not None and candidates:

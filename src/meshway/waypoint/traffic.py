@@ -291,6 +291,8 @@ class OutlierDetector:
         self.max_percent: int = 10 if percent is None else percent  # Envoy's default
         # endpoint key -> [consecutive 5xx, consecutive gateway errors, ejections, until]
         self._state: dict[tuple[str, int], list[float]] = {}
+        # When the last ejection ends: until then `healthy` filters, after it costs nothing.
+        self._ejections_end = 0.0
 
     def record(self, endpoint: Endpoint, status: int | None, endpoints: int) -> bool:
         """One response's status (None: no response at all); True if it ejected the endpoint."""
@@ -316,6 +318,7 @@ class OutlierDetector:
         state[0] = state[1] = 0
         state[2] += 1
         state[3] = time.monotonic() + min(self.base_ejection * state[2], self.MAX_EJECTION)
+        self._ejections_end = max(self._ejections_end, state[3])
         return True
 
     def is_ejected(self, endpoint: Endpoint) -> bool:
@@ -323,7 +326,7 @@ class OutlierDetector:
         return state is not None and state[3] > time.monotonic()
 
     def healthy(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
-        if not self._count_ejected():
+        if self._ejections_end <= time.monotonic():
             return endpoints
         healthy = [e for e in endpoints if not self.is_ejected(e)]
         return healthy or endpoints
@@ -361,15 +364,13 @@ class ServicePolicy:
     def cluster(self, port: int, subset: str | None) -> Cluster:
         cluster = self._clusters.get((port, subset))
         if cluster is None:
+            outliers = self._setting(port, subset, "outlier_detection")
             cluster = self._clusters[(port, subset)] = Cluster(
                 make_balancer(self._setting(port, subset, "load_balancer"), self._active),
                 make_limiter(self._setting(port, subset, "connection_pool")),
-                make_outlier_detector(self._setting(port, subset, "outlier_detection")),
+                OutlierDetector(outliers) if outliers is not None else None,
             )
         return cluster
-
-    def balancer(self, port: int, subset: str | None) -> Balancer:
-        return self.cluster(port, subset).balancer
 
     def _setting(self, port: int, subset: str | None, name: str) -> Any:
         """The most specific setting: subset's port, subset's, the rule's port, the rule's."""
@@ -417,10 +418,6 @@ def make_limiter(settings: ConnectionPoolSettings | None) -> Limiter | None:
     if not limits and not pending:
         return None
     return Limiter(min(limits) if limits else None, pending or None)
-
-
-def make_outlier_detector(settings: OutlierDetectionSettings | None) -> OutlierDetector | None:
-    return OutlierDetector(settings) if settings is not None else None
 
 
 class TrafficPolicies:
