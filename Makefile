@@ -51,6 +51,7 @@ bench: setup
 	$(PY) bench/controlplane_scale.py
 	$(PY) bench/node_rss.py
 	$(PY) bench/dataplane.py
+	$(PY) bench/waypoint_features.py
 	$(PY) bench/plots.py
 
 clean:

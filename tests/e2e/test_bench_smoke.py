@@ -79,3 +79,23 @@ def test_dataplane_quick(tmp_path: Path) -> None:
     assert all(r["value"] is not None for r in result["ratios"].values())
     report = (tmp_path / "dataplane.md").read_text()
     assert "Meshway waypoint" in report and "HAProxy http sidecars" in report
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+def test_waypoint_features_quick(tmp_path: Path) -> None:
+    """The configured waypoint answers every request 200 (nothing it has configured fires:
+    wrk's failures would fail the run) and both waypoints' figures are there."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "waypoint_features.py"), "--quick",
+         "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "waypoint_features.json").read_text())
+    for scenario in ("bare", "full"):
+        assert result["summary"][scenario]["rps"] > 0
+        assert result["summary"][scenario]["waypoint_cpu_s_per_1000_req"] > 0
+    assert result["ratio"]["rps"] > 0
+    assert "configured / bare" in (tmp_path / "waypoint_features.md").read_text()

@@ -489,6 +489,9 @@ class H1ClientConnection:
         self._leftover = b""
         self._body_reader: asyncio.Future[None] | None = None
         self.idle_since: float | None = None
+        # Kept by the pool: requests sent on this connection, how long it may sit idle.
+        self.requests = 0
+        self.idle_limit = 60.0
 
     @property
     def is_usable(self) -> bool:

@@ -727,6 +727,11 @@ class H2ClientConnection(_Connection):
         self._goaway = False
         self._error = "the HTTP/2 connection is closed"
         self._idle_since: float | None = time.monotonic()
+        # Kept by the pool: requests sent, whether it takes no more (maxRequestsPerConnection),
+        # how long it may sit idle.
+        self.requests = 0
+        self.retired = False
+        self.idle_limit = 60.0
         self._slot_waiters: list[asyncio.Future[None]] = []
         self._closer: asyncio.Task[None] | None = None
         self._peer_settings = False

@@ -69,7 +69,7 @@ from meshway.waypoint.traffic import (
     ServicePolicy,
     TrafficPolicies,
 )
-from meshway.waypoint.upstream import Endpoint, UpstreamPool
+from meshway.waypoint.upstream import DEFAULT_CONNECTION, Endpoint, UpstreamPool
 
 log = logging.getLogger(__name__)
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -299,9 +299,9 @@ class WaypointDataPath:
     async def _tcp(self, down: Downstream, stream: ByteStream, first: bytes) -> None:
         started = time.monotonic()
         dest = down.destination
-        endpoint = self.pick_endpoint(
-            Target(dest.service, dest.workload, dest.port), HashKey(None, down.ip)
-        )
+        target = Target(dest.service, dest.workload, dest.port)
+        endpoint = self.pick_endpoint(target, HashKey(None, down.ip))
+        cluster = self.resolve(target)[0]
         outcome = Outcome()
         sent = received = 0
         if endpoint is None:
@@ -311,7 +311,9 @@ class WaypointDataPath:
             outcome.endpoint = endpoint
             flight = self._started(endpoint)
             try:
-                upstream = await self.upstream.open(endpoint)
+                upstream = await self.upstream.open(
+                    endpoint, cluster.connection if cluster is not None else DEFAULT_CONNECTION
+                )
             except UpstreamError as exc:
                 outcome.flags = "UF"
                 outcome.details = str(exc)
@@ -661,7 +663,12 @@ class WaypointDataPath:
             tried = time.monotonic()
             try:
                 async with _deadline(per_try):
-                    response = await self.upstream.request(endpoint, request, http2)
+                    response = await self.upstream.request(
+                        endpoint,
+                        request,
+                        http2,
+                        cluster.connection if cluster is not None else DEFAULT_CONNECTION,
+                    )
                 status = response.status
                 outcome.upstream_ms = (time.monotonic() - tried) * 1000
                 if (

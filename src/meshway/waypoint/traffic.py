@@ -45,6 +45,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
 from meshway.config.model import duration_seconds
+from meshway.waypoint.upstream import (
+    CONNECT_TIMEOUT,
+    DEFAULT_CONNECTION,
+    IDLE_TIMEOUT,
+    ConnectionSettings,
+)
 
 if TYPE_CHECKING:
     from meshway.config.model import (
@@ -343,6 +349,7 @@ class Cluster:
     balancer: Balancer
     limiter: Limiter | None = None
     outliers: OutlierDetector | None = None
+    connection: ConnectionSettings = DEFAULT_CONNECTION
 
     def pick(self, endpoints: Sequence[Endpoint], key: HashKey) -> Endpoint:
         if self.outliers is not None:
@@ -365,10 +372,12 @@ class ServicePolicy:
         cluster = self._clusters.get((port, subset))
         if cluster is None:
             outliers = self._setting(port, subset, "outlier_detection")
+            pool = self._setting(port, subset, "connection_pool")
             cluster = self._clusters[(port, subset)] = Cluster(
                 make_balancer(self._setting(port, subset, "load_balancer"), self._active),
-                make_limiter(self._setting(port, subset, "connection_pool")),
+                make_limiter(pool),
                 OutlierDetector(outliers) if outliers is not None else None,
+                make_connection_settings(pool),
             )
         return cluster
 
@@ -401,6 +410,22 @@ def make_balancer(
     if simple == "RANDOM":
         return RandomChoice()
     return LeastRequest(active)  # LEAST_REQUEST, UNSPECIFIED, PASSTHROUGH, or nothing set
+
+
+def make_connection_settings(settings: ConnectionPoolSettings | None) -> ConnectionSettings:
+    """`tcp.connectTimeout`, `http.idleTimeout` and `http.maxRequestsPerConnection`; what is
+    not set keeps the waypoint's default."""
+    if settings is None:
+        return DEFAULT_CONNECTION
+    tcp, http = settings.tcp, settings.http
+    connect = tcp.connect_timeout if tcp is not None else None
+    idle = http.idle_timeout if http is not None else None
+    per_connection = http.max_requests_per_connection if http is not None else None
+    return ConnectionSettings(
+        duration_seconds(connect) if connect else CONNECT_TIMEOUT,
+        duration_seconds(idle) if idle else IDLE_TIMEOUT,
+        per_connection or 0,
+    )
 
 
 def make_limiter(settings: ConnectionPoolSettings | None) -> Limiter | None:
