@@ -310,6 +310,14 @@ def test_outlier_detection_ejects_and_returns_never_more_than_allowed(
     assert detector.is_ejected(a)
     now[0] += 6
     assert not detector.is_ejected(a)
+    # Healthy for 100 intervals: the multiplier has decayed back, the next ejection is 10 s.
+    now[0] += 100
+    for _ in range(3):
+        detector.record(a, 500, 4)
+    now[0] += 9.5
+    assert detector.is_ejected(a)
+    now[0] += 1
+    assert not detector.is_ejected(a)
     # Everything ejected: all are used anyway (Envoy's panic mode).
     lone = endpoints(1)
     solo = traffic.OutlierDetector(dr.spec.traffic_policy.outlier_detection)

@@ -282,7 +282,8 @@ class OutlierDetector:
     ejected for `baseEjectionTime` times the number of its ejections (at most 300 s), unless
     `maxEjectionPercent` of the endpoints are ejected already (one may always be, as in Envoy).
     It comes back when that time is over. If every endpoint is ejected, all are used (Envoy's
-    panic mode). `interval` is accepted; ejections end on time rather than on its ticks."""
+    panic mode). Ejections end on time rather than on `interval` ticks; `interval` sets how fast
+    the multiplier decays: one per interval spent healthy, as in Envoy."""
 
     MAX_EJECTION = 300.0
 
@@ -293,6 +294,8 @@ class OutlierDetector:
             self.consecutive_5xx = 5  # Istio's default
         base = settings.base_ejection_time
         self.base_ejection = duration_seconds(base) if base else 30.0
+        interval = settings.interval
+        self.interval = duration_seconds(interval) if interval else 10.0  # Istio's default
         percent = settings.max_ejection_percent
         self.max_percent: int = 10 if percent is None else percent  # Envoy's default
         # endpoint key -> [consecutive 5xx, consecutive gateway errors, ejections, until]
@@ -322,8 +325,12 @@ class OutlierDetector:
         if self._count_ejected() >= allowed:
             return False
         state[0] = state[1] = 0
+        now = time.monotonic()
+        if state[2] and state[3] < now:
+            # Envoy takes one off the multiplier for each interval the endpoint stayed healthy.
+            state[2] = max(0, state[2] - int((now - state[3]) / self.interval))
         state[2] += 1
-        state[3] = time.monotonic() + min(self.base_ejection * state[2], self.MAX_EJECTION)
+        state[3] = now + min(self.base_ejection * state[2], self.MAX_EJECTION)
         self._ejections_end = max(self._ejections_end, state[3])
         return True
 
