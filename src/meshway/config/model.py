@@ -2048,12 +2048,66 @@ class Percent(MeshModel):
     value: float = Field(ge=0, le=100)
 
 
+# gRPC status codes by name (grpc/doc/statuscodes.md), for a fault's `grpcStatus`.
+GRPC_STATUS_CODES = {
+    "OK": 0,
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
+
+
+def grpc_status_code(value: str) -> int:
+    """The number of a gRPC status given by name ("UNAVAILABLE") or number ("14")."""
+    code = GRPC_STATUS_CODES.get(value.upper())
+    if code is None and value.isdigit() and int(value) <= 16:
+        code = int(value)
+    if code is None:
+        names = ", ".join(GRPC_STATUS_CODES)
+        raise ValueError(f"unknown gRPC status {value!r}: use one of {names} or 0-16")
+    return code
+
+
 class FaultDelay(MeshModel):
+    """A delay before the request goes on. Without `percentage` (or the deprecated integer
+    `percent`) no request is delayed: what Istio does (its translation leaves Envoy's
+    percentage at 0), whatever its older comments say."""
+
     percentage: Percent | None = None
+    percent: int | None = Field(default=None, ge=0, le=100)
     fixed_delay: IstioDuration
+
+    @model_validator(mode="after")
+    def _check(self) -> FaultDelay:
+        if duration_seconds(self.fixed_delay) < 0.001:
+            raise FieldError("fixedDelay", "must be at least 1ms")
+        return self
+
+    @property
+    def fraction(self) -> float:
+        """The share of requests to delay, 0..1."""
+        if self.percentage is not None:
+            return self.percentage.value / 100
+        return (self.percent or 0) / 100
 
 
 class FaultAbort(MeshModel):
+    """An answer instead of the upstream's: an HTTP status or a gRPC status. Without
+    `percentage` no request is aborted (as in Istio, see FaultDelay)."""
+
     percentage: Percent | None = None
     http_status: int | None = Field(default=None, ge=200, le=599)
     grpc_status: str | None = None
@@ -2062,7 +2116,17 @@ class FaultAbort(MeshModel):
     def _check(self) -> FaultAbort:
         if (self.http_status is None) == (self.grpc_status is None):
             raise FieldError("httpStatus", "set exactly one of httpStatus and grpcStatus")
+        if self.grpc_status is not None:
+            try:
+                grpc_status_code(self.grpc_status)
+            except ValueError as exc:
+                raise FieldError("grpcStatus", str(exc)) from None
         return self
+
+    @property
+    def fraction(self) -> float:
+        """The share of requests to abort, 0..1."""
+        return self.percentage.value / 100 if self.percentage is not None else 0.0
 
 
 class HTTPFaultInjection(MeshModel):
@@ -2074,6 +2138,18 @@ class HTTPFaultInjection(MeshModel):
         if self.delay is None and self.abort is None:
             raise FieldError("", "set delay, abort or both")
         return self
+
+
+class FaultInjection(Resource):
+    """Meshway's fault injection for HTTPRoute and GRPCRoute rules (and their backendRefs):
+    named by an `ExtensionRef` filter `{group: meshway.io, kind: FaultInjection, name}` in the
+    route's namespace. The spec is Istio's `HTTPFaultInjection`, so that a VirtualService's
+    `fault` can be copied as it is."""
+
+    KIND: ClassVar[str] = "FaultInjection"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("meshway.io/v1alpha1",)
+
+    spec: HTTPFaultInjection
 
 
 class VirtualServiceHTTPRoute(MeshModel):
@@ -2145,6 +2221,7 @@ KINDS: dict[str, type[Resource]] = {
         GRPCRoute,
         DestinationRule,
         VirtualService,
+        FaultInjection,
     )
 }
 
@@ -2161,6 +2238,7 @@ _SHORT_NAMES = {
     "gtw": "Gateway",
     "dr": "DestinationRule",
     "vs": "VirtualService",
+    "fi": "FaultInjection",
 }
 
 

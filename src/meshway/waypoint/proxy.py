@@ -17,7 +17,8 @@ is the *client's* identity. For each tunnel the waypoint:
 
 Response flags follow Envoy's: NR no route, UH no healthy upstream, UF upstream connection
 failure, UC upstream connection termination, UT upstream request timeout, URX retries
-exhausted, DC downstream connection termination, and "-" for none.
+exhausted, DC downstream connection termination, DI delay injected, FI fault (abort)
+injected, and "-" for none.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from meshway.policy.waypoint import (
     normalize_target,
 )
 from meshway.telemetry.metrics import WaypointMetrics
+from meshway.waypoint.faults import Fault, inject, merge_flags
 from meshway.waypoint.http1 import copy_both_ways, serve_h1
 from meshway.waypoint.http2 import serve_h2
 from meshway.waypoint.messages import (
@@ -177,6 +179,8 @@ class Outcome:
     details: str = ""
     # The request whose response is still being relayed (in flight to its endpoint).
     in_flight: InFlight | None = None
+    # DI and/or FI when a fault was injected (`faults.py`), added to `flags` when reported.
+    fault_flags: str = ""
 
 
 class WaypointDataPath:
@@ -375,6 +379,10 @@ class WaypointDataPath:
                     outcome.flags = "NR"
                     return simple_response(404, "no route matched\n")
                 outcome.route = match.route
+                if match.fault is not None:  # before the router's work, as Envoy's filter
+                    aborted = await self._inject_fault(match.fault, outcome)
+                    if aborted is not None:
+                        return aborted
                 redirect = match.apply_request_filters(request)
                 if redirect is not None:
                     return redirect
@@ -384,6 +392,10 @@ class WaypointDataPath:
                     if match.rule.grpc:
                         return grpc_error(14, "no valid backend")
                     return simple_response(500, "no valid backend\n")
+                if match.backend_fault is not None:
+                    aborted = await self._inject_fault(match.backend_fault, outcome)
+                    if aborted is not None:
+                        return aborted
                 rejected = match.apply_backend_filters(request)
                 if rejected is not None:
                     return rejected
@@ -401,6 +413,16 @@ class WaypointDataPath:
         if match is not None:
             match.apply_response_filters(response)
         return response
+
+    async def _inject_fault(self, fault: Fault, outcome: Outcome) -> Response | None:
+        """A route's fault: its delay (not counted in the route's timeout, which starts in
+        `_forward`), then its abort answer if drawn (None: the request goes on)."""
+        flags, answer = await inject(fault, self._rand)
+        if flags:
+            outcome.fault_flags = merge_flags(outcome.fault_flags, flags)
+        if answer is not None:
+            outcome.details = "fault_filter_abort"
+        return answer
 
     async def _mirror(
         self, down: Downstream, request: Request, mirrors: tuple[Mirror, ...]
@@ -764,9 +786,12 @@ class WaypointDataPath:
         if cached is None or cached[0] is not endpoint:
             cached = self._report_static(down, endpoint)
         _, labels, log_tail = cached
+        flags = outcome.flags
+        if outcome.fault_flags:
+            flags = merge_flags(flags, outcome.fault_flags)
         if request is not None:
             self.metrics.observe(
-                (*labels, str(status), outcome.flags, protocol),
+                (*labels, str(status), flags, protocol),
                 duration_ms,
                 request_bytes,
                 response_bytes,
@@ -787,7 +812,7 @@ class WaypointDataPath:
                 trace_id=_trace_id(request),
             )
         entry.update(
-            response_flags=outcome.flags,
+            response_flags=flags,
             duration_ms=round(duration_ms, 3),
             upstream_service_time_ms=(
                 round(outcome.upstream_ms, 3) if outcome.upstream_ms is not None else None

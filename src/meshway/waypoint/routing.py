@@ -30,7 +30,7 @@ import logging
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -40,6 +40,7 @@ from meshway.config.model import (
     CORE_GROUPS,
     DEFAULT_NAMESPACE,
     BackendObjectReference,
+    FaultInjection,
     GRPCBackendRef,
     GRPCMethodMatch,
     GRPCRoute,
@@ -60,8 +61,10 @@ from meshway.config.model import (
     HTTPRouteRule,
     HTTPRouteTimeouts,
     HTTPURLRewriteFilter,
+    VirtualService,
     duration_seconds,
 )
+from meshway.waypoint.faults import Fault, compile_fault
 from meshway.waypoint.messages import Body, Headers, Request, Response, simple_response
 
 log = logging.getLogger(__name__)
@@ -75,11 +78,14 @@ MAX_BACKOFF_FACTOR = 10
 
 _WELL_KNOWN_PORTS = {"http": 80, "https": 443}
 
-RouteKind = Literal["HTTPRoute", "GRPCRoute"]
+RouteKind = Literal["HTTPRoute", "GRPCRoute", "VirtualService"]
 # A backendRef to a DestinationRule subset: {group: meshway.io, kind: ServiceSubset,
 # name: <service>.<subset>, port: <service port>}.
 SUBSET_GROUP = "meshway.io"
 SUBSET_KIND = "ServiceSubset"
+# An ExtensionRef filter naming a FaultInjection in the route's namespace (`faults.py`).
+FAULT_GROUP = "meshway.io"
+FAULT_KIND = "FaultInjection"
 
 
 # --------------------------------------------------------------------------- policies
@@ -246,13 +252,15 @@ class Redirect:
 
 @dataclass(frozen=True, slots=True)
 class UnsupportedFilter:
-    """A filter this waypoint cannot run (ExtensionRef): the Gateway API forbids skipping it,
-    so requests that would have gone through it are answered with 500."""
+    """A filter this waypoint cannot run (an ExtensionRef to an unknown kind, or to an object
+    that does not exist): the Gateway API forbids skipping it, so requests that would have
+    gone through it are answered with 500."""
 
     description: str
+    body: str = "route filter not supported\n"
 
     def on_request(self, request: Request, port: int) -> Response | None:
-        return simple_response(500, "route filter not supported\n")
+        return simple_response(500, self.body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +277,13 @@ class Mirror:
 @dataclass(frozen=True, slots=True)
 class FilterChain:
     """A rule's (or a backend's) filters: request steps in configuration order, the response
-    header modifier, and the mirrors (exposed here, sent by the proxy)."""
+    header modifier, the mirrors (exposed here, sent by the proxy) and the fault (injected by
+    the proxy before the request filters, as Envoy's fault filter runs before the router)."""
 
     request: tuple[RequestFilter, ...] = ()
     response: HeaderModifier | None = None
     mirrors: tuple[Mirror, ...] = ()
+    fault: Fault | None = None
 
     def apply_request(self, request: Request, port: int) -> Response | None:
         for step in self.request:
@@ -371,7 +381,7 @@ class CompiledRule:
 # --------------------------------------------------------------------------- matching
 
 
-class _RequestView:
+class RequestView:
     """What matching reads from a request, each part computed at most once."""
 
     __slots__ = ("_headers", "_params", "path", "query", "request")
@@ -404,6 +414,12 @@ class _RequestView:
                 params.setdefault(unquote(key), unquote(value))
             self._params = params
         return self._params.get(name)
+
+
+class Matcher(Protocol):
+    """One match of a rule: whether a request satisfies it."""
+
+    def matches(self, view: RequestView) -> bool: ...
 
 
 # (name, exact value or None, regex or None)
@@ -440,7 +456,7 @@ class _HTTPMatcher:
         self.headers = _header_conditions(match.headers)
         self.params = _param_conditions(match.query_params)
 
-    def matches(self, view: _RequestView) -> bool:
+    def matches(self, view: RequestView) -> bool:
         if self.method is not None and view.request.method != self.method:
             return False
         path = view.path
@@ -483,7 +499,7 @@ class _GRPCMatcher:
         self.method = _name_condition(method, method.method if method else None)
         self.headers = _header_conditions(match.headers)
 
-    def matches(self, view: _RequestView) -> bool:
+    def matches(self, view: RequestView) -> bool:
         if self.service is not None or self.method is not None:
             service, method = _grpc_method(view.path)
             if method is None:
@@ -598,6 +614,16 @@ class RouteMatch:
             self.backend.filters.apply_response(response)
 
     @property
+    def fault(self) -> Fault | None:
+        """The rule's fault (a FaultInjection ExtensionRef, a VirtualService `fault`)."""
+        return self.rule.filters.fault
+
+    @property
+    def backend_fault(self) -> Fault | None:
+        """The picked backend's own fault (a FaultInjection in its backendRef's filters)."""
+        return self.backend.filters.fault if self.backend is not None else None
+
+    @property
     def mirrors(self) -> tuple[Mirror, ...]:
         """The rule's RequestMirror targets, plus the picked backend's."""
         if self.backend is None or not self.backend.filters.mirrors:
@@ -617,7 +643,7 @@ class ServiceRoutes:
         port: int,
         kind: RouteKind,
         routes: tuple[str, ...],
-        entries: Sequence[tuple[_HTTPMatcher | _GRPCMatcher, str, CompiledRule]],
+        entries: Sequence[tuple[Matcher, str, CompiledRule]],
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -635,7 +661,7 @@ class ServiceRoutes:
     def match(self, request: Request) -> RouteMatch | None:
         """The rule with the highest precedence that matches, or None (the caller answers
         404: GAMMA rejects what no attached route matches)."""
-        view = _RequestView(request)
+        view = RequestView(request)
         for matcher, route, rule in self._entries:
             if matcher.matches(view):
                 return RouteMatch(route, rule, self.port)
@@ -679,13 +705,19 @@ class _ServiceEntry:
         return self.any_port.at_port(port) if self.any_port is not None else None
 
 
+class RoutesByPort(Protocol):
+    """The routes of one Service for one group of clients, by the port a request is sent to."""
+
+    def get(self, port: int) -> ServiceRoutes | None: ...
+
+
 class RouteTable:
     """Every route attached to a Service, compiled; immutable once built."""
 
     __slots__ = ("_services", "problems")
 
     def __init__(
-        self, services: dict[tuple[str, str, str], _ServiceEntry], problems: tuple[str, ...]
+        self, services: Mapping[tuple[str, str, str], RoutesByPort], problems: tuple[str, ...]
     ) -> None:
         self._services = services
         # What was ignored and why (unresolvable parentRefs, invalid backends), for logs and
@@ -694,12 +726,26 @@ class RouteTable:
 
     @classmethod
     def build(
-        cls, routes: Iterable[HTTPRoute | GRPCRoute], cluster_domain: str = "cluster.local"
+        cls,
+        routes: Iterable[HTTPRoute | GRPCRoute],
+        cluster_domain: str = "cluster.local",
+        *,
+        faults: Iterable[FaultInjection] = (),
+        virtual_services: Iterable[VirtualService] = (),
     ) -> RouteTable:
+        """Compile the routes. `faults` are what FaultInjection ExtensionRefs resolve to;
+        `virtual_services` route the Services that no HTTPRoute or GRPCRoute attaches to
+        (`virtualservice.py`)."""
         problems: list[str] = []
         attached: dict[tuple[str, str, str], _Attachment] = {}
+        compiled_faults = {
+            (f.metadata.namespace or DEFAULT_NAMESPACE, f.metadata.name): compile_fault(
+                f.spec, f.object_ref
+            )
+            for f in faults
+        }
         for route in routes:
-            compiled = _compile_route(route, cluster_domain, problems)
+            compiled = _compile_route(route, cluster_domain, problems, compiled_faults)
             route_ns = route.metadata.namespace or DEFAULT_NAMESPACE
             for i, parent in enumerate(route.spec.parent_refs):
                 if not parent.is_service:
@@ -719,9 +765,7 @@ class RouteTable:
                 target = slot.any_port if parent.port is None else slot.by_port[parent.port]
                 if compiled not in target:
                     target.append(compiled)
-        for problem in problems:
-            log.warning("%s", problem)
-        services: dict[tuple[str, str, str], _ServiceEntry] = {}
+        services: dict[tuple[str, str, str], RoutesByPort] = {}
         for key, slot in attached.items():
             by_port: dict[int, ServiceRoutes] = {}
             for port, extra in slot.by_port.items():
@@ -729,6 +773,23 @@ class RouteTable:
                 by_port[port] = _service_routes(key, port, merged)
             any_port = _service_routes(key, 0, slot.any_port) if slot.any_port else None
             services[key] = _ServiceEntry(any_port, by_port)
+        virtual_services = list(virtual_services)
+        if virtual_services:
+            from meshway.waypoint.virtualservice import compile_virtual_services
+
+            routed = {(ns, name) for ns, name, _ in attached}
+            for (ns, name), entry in compile_virtual_services(
+                virtual_services, cluster_domain, problems
+            ).items():
+                if (ns, name) in routed:
+                    problems.append(
+                        f"{entry.source}: Service {ns}/{name} has HTTPRoutes or GRPCRoutes, "
+                        "which win over VirtualServices; ignored for it"
+                    )
+                    continue
+                services[(ns, name, "")] = entry
+        for problem in problems:
+            log.warning("%s", problem)
         return cls(services, tuple(problems))
 
     def for_service(
@@ -776,10 +837,13 @@ def _service_routes(
 
 
 def _compile_route(
-    route: HTTPRoute | GRPCRoute, cluster_domain: str, problems: list[str]
+    route: HTTPRoute | GRPCRoute,
+    cluster_domain: str,
+    problems: list[str],
+    faults: Mapping[tuple[str, str], Fault],
 ) -> _CompiledRoute:
     namespace = route.metadata.namespace or DEFAULT_NAMESPACE
-    context = _Context(route.object_ref, namespace, cluster_domain, problems)
+    context = _Context(route.object_ref, namespace, cluster_domain, problems, faults)
     entries: list[tuple[tuple[int, ...], int, int, _HTTPMatcher | _GRPCMatcher, CompiledRule]] = []
     if isinstance(route, GRPCRoute):
         for r, grpc_rule in enumerate(route.spec.rules):
@@ -815,6 +879,8 @@ class _Context:
     namespace: str
     cluster_domain: str
     problems: list[str]
+    # FaultInjections by (namespace, name), compiled.
+    faults: Mapping[tuple[str, str], Fault] = field(default_factory=dict)
 
     def hostname(self, namespace: str, name: str) -> str:
         return f"{name}.{namespace}.svc.{self.cluster_domain}"
@@ -858,7 +924,7 @@ def _rule_filters(
     """A rule's filters; when one cannot apply, the rule answers 500 rather than skip it."""
     chain = _compile_filters(filters, prefix, ctx, where)
     if chain is None:
-        return FilterChain((UnsupportedFilter(f"in {where}: {_PREFIX_PROBLEM}"),))
+        return FilterChain((UnsupportedFilter(f"in {where}: a filter cannot apply"),))
     return chain
 
 
@@ -910,6 +976,7 @@ def _compile_filters(
     steps: list[RequestFilter] = []
     response: HeaderModifier | None = None
     mirrors: list[Mirror] = []
+    fault: Fault | None = None
     for i, filt in enumerate(filters):
         if filt.request_header_modifier is not None:
             steps.append(_header_modifier(filt.request_header_modifier, request=True))
@@ -921,7 +988,25 @@ def _compile_filters(
                 mirrors.append(mirror)
         elif filt.extension_ref is not None:
             ref = filt.extension_ref
-            steps.append(UnsupportedFilter(f"ExtensionRef {ref.group}/{ref.kind} {ref.name}"))
+            here = f"{where}.filters[{i}]"
+            if ref.group != FAULT_GROUP or ref.kind != FAULT_KIND:
+                ctx.problems.append(f"{here}: unsupported ExtensionRef {ref.group}/{ref.kind}")
+                steps.append(UnsupportedFilter(f"ExtensionRef {ref.group}/{ref.kind} {ref.name}"))
+                continue
+            found = ctx.faults.get((ctx.namespace, ref.name))
+            if found is None:
+                ctx.problems.append(f"{here}: {FAULT_KIND} {ctx.namespace}/{ref.name} not found")
+                steps.append(
+                    UnsupportedFilter(
+                        f"{FAULT_KIND} {ctx.namespace}/{ref.name} not found",
+                        "route filter not found\n",
+                    )
+                )
+            elif fault is not None:
+                ctx.problems.append(f"{here}: only one {FAULT_KIND} may apply; this one is not")
+                steps.append(UnsupportedFilter(f"second {FAULT_KIND} {ref.name}"))
+            else:
+                fault = found
         elif isinstance(filt, HTTPRouteFilter) and filt.request_redirect is not None:
             redirect = _redirect(filt.request_redirect, prefix)
             if redirect is None:
@@ -934,9 +1019,9 @@ def _compile_filters(
                 ctx.problems.append(f"{where}.filters[{i}]: {_PREFIX_PROBLEM}")
                 return None
             steps.append(rewrite)
-    if not steps and response is None and not mirrors:
+    if not steps and response is None and not mirrors and fault is None:
         return NO_FILTERS
-    return FilterChain(tuple(steps), response, tuple(mirrors))
+    return FilterChain(tuple(steps), response, tuple(mirrors), fault)
 
 
 _PREFIX_PROBLEM = "ReplacePrefixMatch needs a rule with exactly one PathPrefix match"

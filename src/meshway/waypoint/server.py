@@ -142,11 +142,20 @@ class Waypoint:
 
     def _compile(self) -> tuple[RouteTable, TrafficPolicies]:
         """The route table and the traffic policies from the Route resources (HTTPRoutes,
-        GRPCRoutes and DestinationRules); requests in flight keep being counted."""
-        routes = [r for r in self.routes.values() if r.KIND != "DestinationRule"]
-        rules = [r for r in self.routes.values() if r.KIND == "DestinationRule"]
+        GRPCRoutes, DestinationRules, and the FaultInjections and VirtualServices the route
+        table compiles in); requests in flight keep being counted."""
+        by_kind: dict[str, list[Any]] = {}
+        for r in self.routes.values():
+            by_kind.setdefault(r.KIND, []).append(r)
+        routes = [*by_kind.get("HTTPRoute", []), *by_kind.get("GRPCRoute", [])]
+        rules = by_kind.get("DestinationRule", [])
         return (
-            RouteTable.build(routes, self.config.cluster_domain),
+            RouteTable.build(
+                routes,
+                self.config.cluster_domain,
+                faults=by_kind.get("FaultInjection", []),
+                virtual_services=by_kind.get("VirtualService", []),
+            ),
             TrafficPolicies.build(
                 rules,
                 self.config.cluster_domain,

@@ -17,7 +17,7 @@ WAYPOINT_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE)
 ALL_TYPE_URLS = WAYPOINT_TYPE_URLS
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
 # What the Route type carries to waypoints: the routes and the traffic policies.
-WAYPOINT_CONFIG_KINDS = (*ROUTE_KINDS, "DestinationRule")
+WAYPOINT_CONFIG_KINDS = (*ROUTE_KINDS, "DestinationRule", "VirtualService", "FaultInjection")
 
 
 def route_resource_name(namespace: str, kind: str, name: str) -> str:

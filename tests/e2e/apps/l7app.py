@@ -7,6 +7,7 @@ l7app.py http PORT VERSION [DELAY [STATUS]]
 l7app.py hits URL N C [H..]  N GETs, C at a time (aiohttp); prints what each got (JSON)
 l7app.py grpc PORT           a gRPC server (grpcio, generic handlers): demo.Echo/Say (unary),
                              demo.Echo/Count (server streaming), demo.Echo/Fail (NOT_FOUND)
+l7app.py grpc-says TARGET N  N demo.Echo/Say calls; prints each one's status and details (JSON)
 """
 
 from __future__ import annotations
@@ -118,6 +119,21 @@ def grpc_client(target: str) -> None:
     print(json.dumps(result))
 
 
+def grpc_says(target: str, total: int) -> None:
+    """`total` unary calls, one after another; prints [[status, details], ...] as JSON."""
+    import grpc
+
+    results = []
+    with grpc.insecure_channel(target) as channel:
+        say = channel.unary_unary("/demo.Echo/Say")
+        for _ in range(total):
+            try:
+                results.append(["OK", say(b"mesh", timeout=5).decode()])
+            except grpc.RpcError as exc:
+                results.append([exc.code().name, exc.details()])
+    print(json.dumps(results))
+
+
 def ws_client(url: str) -> None:
     import aiohttp
 
@@ -142,8 +158,10 @@ def hits(url: str, total: int, concurrency: int, headers: list[str]) -> None:
     numbers = iter(range(total))
 
     async def worker(session: aiohttp.ClientSession) -> None:
+        loop = asyncio.get_running_loop()
         for i in numbers:
             sent = dict(h.format(i=i).split(": ", 1) for h in headers)
+            started = loop.time()
             async with session.get(url, headers=sent) as response:
                 body = await response.read()
                 results[i] = {
@@ -151,6 +169,7 @@ def hits(url: str, total: int, concurrency: int, headers: list[str]) -> None:
                     "version": response.headers.get("x-version"),
                     "set_cookie": response.headers.get("set-cookie"),
                     "body": body.decode(errors="replace")[:200],
+                    "ms": round((loop.time() - started) * 1000, 1),
                 }
 
     async def main() -> None:
@@ -178,6 +197,8 @@ if __name__ == "__main__":
         grpc_server(int(sys.argv[2]))
     elif mode == "grpc-client":
         grpc_client(sys.argv[2])
+    elif mode == "grpc-says":
+        grpc_says(sys.argv[2], int(sys.argv[3]))
     elif mode == "ws-client":
         ws_client(sys.argv[2])
     else:
