@@ -34,11 +34,13 @@ from meshway.node.state import ProxyState, workload_identity
 from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.messages import ByteStream, TcpStream
 from meshway.waypoint.proxy import WaypointDataPath
+from meshway.waypoint.ratelimit import RateLimiter, RateLimitIndex
+from meshway.waypoint.ratelimit_store import RedisStore
 from meshway.waypoint.routing import RouteTable
 from meshway.waypoint.traffic import TrafficPolicies
 from meshway.waypoint.upstream import Endpoint, UpstreamPool
 from meshway.xds.client import Update, XdsClient
-from meshway.xds.types import ROUTE_TYPE, waypoint_types
+from meshway.xds.types import ROUTE_KINDS, ROUTE_TYPE, waypoint_types
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class WaypointConfig:
     listen_host: str = "0.0.0.0"
     # The pod network namespace the waypoint's sockets live in (None: the process's own).
     netns: Path | None = None
+    # The Global rate limits' Redis (`redis://host:port/db`); None: they take their failure mode.
+    ratelimit_store: str | None = None
 
 
 class Waypoint:
@@ -91,6 +95,10 @@ class Waypoint:
             root_namespace=config.root_namespace,
             access_log_enabled=config.access_log,
         )
+        self.ratelimit_store = (
+            RedisStore(config.ratelimit_store) if config.ratelimit_store else None
+        )
+        self.datapath.ratelimiter = RateLimiter(self.ratelimit_store)
         self.server: HboneServer | None = None
         self.netns = PodNetns(config.netns) if config.netns is not None else None
         self.ready = asyncio.Event()
@@ -140,11 +148,13 @@ class Waypoint:
         if own is not None and own.trust_domain and own.trust_domain != self.identity.trust_domain:
             self.identity = SpiffeId(own.trust_domain, self.config.namespace, self.config.name)
 
-    def _compile(self) -> tuple[RouteTable, TrafficPolicies]:
-        """The route table and the traffic policies from the Route resources (HTTPRoutes,
-        GRPCRoutes and DestinationRules); requests in flight keep being counted."""
-        routes = [r for r in self.routes.values() if r.KIND != "DestinationRule"]
+    def _compile(self) -> tuple[RouteTable, TrafficPolicies, RateLimitIndex]:
+        """The route table, the traffic policies and the rate limits from the Route resources
+        (HTTPRoutes, GRPCRoutes, DestinationRules, RateLimitPolicies); requests in flight keep
+        being counted, and unchanged limits keep their buckets."""
+        routes = [r for r in self.routes.values() if r.KIND in ROUTE_KINDS]
         rules = [r for r in self.routes.values() if r.KIND == "DestinationRule"]
+        limits = [r for r in self.routes.values() if r.KIND == "RateLimitPolicy"]
         return (
             RouteTable.build(routes, self.config.cluster_domain),
             TrafficPolicies.build(
@@ -153,6 +163,7 @@ class Waypoint:
                 self.config.root_namespace,
                 active=self.datapath.traffic.active,
             ),
+            RateLimitIndex.build(limits, self.datapath.ratelimits),
         )
 
     def _creds(self) -> WorkloadCredentials:
@@ -220,6 +231,8 @@ class Waypoint:
                 await self.server.wait_closed()
         self.datapath.access_log.flush()
         await self.upstream.close()
+        if self.ratelimit_store is not None:
+            await self.ratelimit_store.close()
         await self.hbone_pool.close()
         await self.xds.close()
         await self.ca.close()

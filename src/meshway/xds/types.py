@@ -16,8 +16,8 @@ WAYPOINT_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE)
 # Everything the control plane serves.
 ALL_TYPE_URLS = WAYPOINT_TYPE_URLS
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
-# What the Route type carries to waypoints: the routes and the traffic policies.
-WAYPOINT_CONFIG_KINDS = (*ROUTE_KINDS, "DestinationRule")
+# What the Route type carries to waypoints: the routes, the traffic policies and the rate limits.
+WAYPOINT_CONFIG_KINDS = (*ROUTE_KINDS, "DestinationRule", "RateLimitPolicy")
 
 
 def route_resource_name(namespace: str, kind: str, name: str) -> str:
