@@ -151,6 +151,7 @@ def runtime_store(cluster: Cluster) -> tuple[str, int]:
 def test_a_global_limit_holds_the_rate_in_the_runtimes_redis(mesh: Cluster) -> None:
     url, pid = runtime_store(mesh)
     assert url.startswith("redis://127.0.0.1:") and pid > 0
+    assert mesh.status()["ratelimitStore"] == {"url": url, "pid": pid, "alive": True}
     policy = rate_limit_policy(
         "global", "- {name: all, requests: 40, per: 1s, burst: 10, scope: Global}\n"
     )

@@ -280,6 +280,11 @@ def status(name: str) -> dict[str, Any]:
             "ready": ready,
         },
         "agent": {"pid": settings.agent_pid, "alive": _alive(settings.agent_pid)},
+        "ratelimitStore": {
+            "url": settings.ratelimit_store,
+            "pid": settings.ratelimit_store_pid,
+            "alive": _alive(settings.ratelimit_store_pid),
+        },
         **{
             k: v
             for k, v in agent_state(name).items()

@@ -180,11 +180,11 @@ def _applied(
         rate,
         limit.capacity,
     )
-    old = previous.get(ident)
     buckets = None
     if limit.scope == "Local":
         # The same limit keeps its buckets through a configuration change.
-        buckets = old.buckets if old is not None and old.buckets is not None else None
+        old = previous.get(ident)
+        buckets = old.buckets if old is not None else None
         if buckets is None:
             buckets = LocalBuckets(rate, limit.capacity)
     return AppliedLimit(
@@ -234,10 +234,10 @@ class RateLimitIndex:
             ns = policy.metadata.namespace or "default"
             for ref in policy.spec.target_refs:
                 target = f"{ref.kind} {ns}/{ref.name}"
-                table = by_service if ref.kind == "Service" else by_route
-                slot = table.setdefault(
-                    (ns, ref.name) if ref.kind == "Service" else (ref.kind, f"{ns}/{ref.name}"), []
-                )
+                if ref.kind == "Service":
+                    slot = by_service.setdefault((ns, ref.name), [])
+                else:  # routes are known by kind and "namespace/name" (RouteMatch.route)
+                    slot = by_route.setdefault((ref.kind, f"{ns}/{ref.name}"), [])
                 for limit in policy.spec.limits:
                     applied = _applied(policy, limit, target, old)
                     index._idents[applied.ident] = applied

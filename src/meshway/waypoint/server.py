@@ -155,6 +155,12 @@ class Waypoint:
         routes = [r for r in self.routes.values() if r.KIND in ROUTE_KINDS]
         rules = [r for r in self.routes.values() if r.KIND == "DestinationRule"]
         limits = [r for r in self.routes.values() if r.KIND == "RateLimitPolicy"]
+        ratelimits = RateLimitIndex.build(limits, self.datapath.ratelimits)
+        if ratelimits.has_global and self.ratelimit_store is None:
+            log.warning(
+                "Global rate limits apply but no store is configured (--ratelimit-store or "
+                "MESHWAY_RATELIMIT_STORE): they take their policies' failureMode"
+            )
         return (
             RouteTable.build(routes, self.config.cluster_domain),
             TrafficPolicies.build(
@@ -163,7 +169,7 @@ class Waypoint:
                 self.config.root_namespace,
                 active=self.datapath.traffic.active,
             ),
-            RateLimitIndex.build(limits, self.datapath.ratelimits),
+            ratelimits,
         )
 
     def _creds(self) -> WorkloadCredentials:
