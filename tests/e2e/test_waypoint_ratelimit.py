@@ -1,11 +1,12 @@
 """RateLimitPolicy end to end in the local runtime, with real traffic: a client pod sends
 faster than the limit for a few seconds, and what the waypoint admits is compared with
 burst + rate x duration (within 10 %), for a Local limit, per-key limits, a Global limit in the
-runtime's Redis, and the failure mode when that Redis is gone.
+runtime's Redis, a limit on one route, and the failure mode when that Redis is gone.
 
-To measure a Global limit across waypoint replicas, give the Gateway more replicas in
-MANIFEST (`waypoint_replicas`) and keep `test_a_global_limit_holds_the_rate_in_the_runtimes_
-redis` as it is: the expected number does not depend on how many waypoints share the store.
+Waypoint replicas (the Gateway annotation `meshway.io/replicas`, not in this branch): set
+WAYPOINT_REPLICAS. The Global test then measures the limit shared by the replicas with the
+same expected number (it does not depend on how many waypoints share the store); the Local
+ones expect one waypoint and are skipped.
 """
 
 from __future__ import annotations
@@ -40,12 +41,51 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 
+WAYPOINT_REPLICAS = 1
+
+
+def with_replicas(manifest: str, replicas: int) -> str:
+    """The waypoint Gateway of `shop_with_waypoint` with `replicas` waypoints."""
+    if replicas == 1:
+        return manifest
+    gateway = "  name: waypoint\n  namespace: shop\n"
+    assert gateway in manifest
+    return manifest.replace(
+        gateway, f'{gateway}  annotations: {{meshway.io/replicas: "{replicas}"}}\n', 1
+    )
+
+
 MANIFEST = (
-    shop_with_waypoint("client", "other", "web")
+    with_replicas(shop_with_waypoint("client", "other", "web"), WAYPOINT_REPLICAS)
     + http_service("web", "app: web")
     + workload("client-0", "node-1", ["sleep", "infinity"])
     + workload("other-0", "node-1", ["sleep", "infinity"])
     + workload("web-0", "node-2", [PY, APP, "http", "8080", "web-0"])
+    # A route on web: /api goes through it (and its limit), the rest does not match it.
+    + textwrap.dedent("""\
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: api, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+          rules:
+          - matches: [{path: {type: PathPrefix, value: /api}}]
+            backendRefs: [{name: web, port: 80}]
+          - backendRefs: [{name: web, port: 80}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: rest, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+          rules:
+          - matches: [{path: {type: PathPrefix, value: /rest}}]
+            backendRefs: [{name: web, port: 80}]
+        ---
+        """)
+)
+one_waypoint = pytest.mark.skipif(
+    WAYPOINT_REPLICAS > 1, reason="Local limits are per waypoint: expected for one"
 )
 WEB = "http://web.shop.svc.cluster.local"
 SECONDS = 4.0
@@ -61,13 +101,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
 
 
-def rate_limit_policy(name: str, limits: str, failure_mode: str = "Open") -> str:
+def rate_limit_policy(
+    name: str, limits: str, failure_mode: str = "Open", target: str = "{kind: Service, name: web}"
+) -> str:
     return textwrap.dedent(f"""\
         apiVersion: meshway.io/v1alpha1
         kind: RateLimitPolicy
         metadata: {{name: {name}, namespace: shop}}
         spec:
-          targetRefs: [{{kind: Service, name: web}}]
+          targetRefs: [{target}]
           failureMode: {failure_mode}
           limits:
         """) + textwrap.indent(textwrap.dedent(limits), "  ")
@@ -87,6 +129,7 @@ def within(admitted: int, burst: int, rate: float, seconds: float) -> tuple[bool
     return abs(admitted - expected) <= 0.10 * expected, expected
 
 
+@one_waypoint
 def test_a_local_limit_admits_burst_plus_rate_and_answers_429_with_retry_after(
     mesh: Cluster,
 ) -> None:
@@ -111,6 +154,7 @@ def test_a_local_limit_admits_burst_plus_rate_and_answers_429_with_retry_after(
     assert "shop/local/all" in entries[0]["details"]
 
 
+@one_waypoint
 def test_per_header_keys_have_their_own_buckets(mesh: Cluster) -> None:
     policy = rate_limit_policy(
         "per-user",
@@ -127,6 +171,7 @@ def test_per_header_keys_have_their_own_buckets(mesh: Cluster) -> None:
         assert ok, f"{user}: admitted {admitted}, expected {expected:.0f} within 10%"
 
 
+@one_waypoint
 def test_per_identity_keys_have_their_own_buckets(mesh: Cluster) -> None:
     policy = rate_limit_policy(
         "per-client",
@@ -141,6 +186,24 @@ def test_per_identity_keys_have_their_own_buckets(mesh: Cluster) -> None:
         admitted = result["codes"].get("200", 0)
         ok, expected = within(admitted, 5, 15, result["seconds"])
         assert ok, f"{pod}: admitted {admitted}, expected {expected:.0f} within 10%"
+
+
+@one_waypoint
+def test_a_limit_on_a_route_applies_only_to_the_requests_it_matched(mesh: Cluster) -> None:
+    policy = rate_limit_policy(
+        "on-route",
+        "- {name: rest, requests: 20, per: 1s, burst: 5}\n",
+        target="{group: gateway.networking.k8s.io, kind: HTTPRoute, name: rest}",
+    )
+    with apply_temporarily(mesh, policy), ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(load, mesh, "client-0", f"{WEB}/{p}", 3.0) for p in ("rest", "api")]
+        limited, free = (run.result() for run in runs)
+    print(f"on route: rest {limited}, api {free}")
+    admitted = limited["codes"].get("200", 0)
+    ok, expected = within(admitted, 5, 20, limited["seconds"])
+    assert ok, f"admitted {admitted}, expected {expected:.0f} within 10%"
+    assert set(free["codes"]) == {"200"}  # the other route's requests are not limited
+    assert free["codes"]["200"] > 2 * admitted
 
 
 def runtime_store(cluster: Cluster) -> tuple[str, int]:
