@@ -137,3 +137,24 @@ async def test_a_dead_store_takes_the_failure_mode_at_once_and_limits_again_when
         assert not any(isinstance(v, StoreFailure) for v in after)
     finally:
         await store.close()
+
+
+async def test_a_store_that_answers_garbage_is_a_failed_store() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n\x00\xff")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+    limiter = RateLimiter(store)
+    try:
+        verdict = await limiter.check(global_limits(5, 5, "Closed"), "id", REQUEST)
+        assert isinstance(verdict, Denial) and verdict.flags == "RLSE"
+        assert not store.available and store.last_error
+    finally:
+        await store.close()
+        server.close()
+        await server.wait_closed()

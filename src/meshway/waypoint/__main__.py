@@ -48,6 +48,13 @@ def main() -> None:
     namespace, slash, name = args.gateway.partition("/")
     if not slash or not namespace or not name:
         raise SystemExit(f"--gateway must be NAMESPACE/NAME, not {args.gateway!r}")
+    if args.ratelimit_store:
+        from redis.asyncio import ConnectionPool
+
+        try:
+            ConnectionPool.from_url(args.ratelimit_store)  # reads the URL, connects nowhere
+        except ValueError as exc:
+            raise SystemExit(f"--ratelimit-store {args.ratelimit_store!r}: {exc}") from exc
     if args.credentials is None:
         raise SystemExit("no credentials: pass --credentials or set MESHWAY_CREDENTIALS")
     try:
