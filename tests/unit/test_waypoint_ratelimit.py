@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,17 @@ def test_a_policy_reads_with_its_defaults() -> None:
 def test_bad_policies_are_refused_with_the_field_path(spec: str, expected: str) -> None:
     found = problems(spec)
     assert any(expected in p for p in found), found
+
+
+def test_the_example_file_is_valid_and_says_what_it_shows() -> None:
+    path = Path(__file__).resolve().parents[2] / "examples" / "ratelimit.yaml"
+    found = parse_documents(path.read_text(), str(path))
+    assert [type(o).__name__ for o in found] == ["RateLimitPolicy", "RateLimitPolicy"]
+    web, checkout = found
+    assert isinstance(web, RateLimitPolicy) and isinstance(checkout, RateLimitPolicy)
+    assert [lim.scope for lim in web.spec.limits] == ["Local", "Global"]
+    assert checkout.spec.target_refs[0].kind == "HTTPRoute"
+    assert checkout.spec.failure_mode == "Closed"
 
 
 # --------------------------------------------------------------------------- buckets
