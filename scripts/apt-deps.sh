@@ -13,6 +13,8 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v nginx >/dev/null || need+=(nginx-light)
+# The shared store of Global rate limits (the local runtime starts one per cluster).
+command -v redis-server >/dev/null || need+=(redis-server)
 # Debian's python3 has no ensurepip (so no `python3 -m venv`) without python3-venv.
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,7 +212,14 @@ def test_down_leaves_nothing_behind(cluster: Cluster) -> None:
     assert names.all_namespaces() == []
     etc = host.NETNS_ETC
     assert not etc.exists() or not [p for p in etc.iterdir() if p.name.startswith(names.cluster_ns)]
-    for pid in [*pids, settings["agent_pid"], settings["controlplane_pid"]]:
+    # The cluster's rate limit store (a redis-server, when installed) goes with it too.
+    assert settings["ratelimit_store_pid"] > 0 or shutil.which("redis-server") is None
+    for pid in [
+        *pids,
+        settings["agent_pid"],
+        settings["controlplane_pid"],
+        settings["ratelimit_store_pid"],
+    ]:
         assert (
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]

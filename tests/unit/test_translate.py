@@ -414,6 +414,27 @@ def test_destination_rules_reach_waypoints_with_the_routes() -> None:
     assert gone.removed == {"shop/DestinationRule/backend"}
 
 
+def test_rate_limit_policies_reach_waypoints_with_the_routes() -> None:
+    t = MeshTranslator(MeshSettings())
+    spec = {
+        "targetRefs": [{"kind": "Service", "name": "backend"}],
+        "limits": [{"name": "all", "requests": 10, "scope": "Global"}],
+        "failureMode": "Closed",
+    }
+    rlp = obj("RateLimitPolicy", "limits", spec=spec)
+    routes = by_type(t.full([*mesh(), rlp], "1"))[ROUTE_TYPE]
+    msg = decode_route(routes, "shop/RateLimitPolicy/limits")
+    check_route("shop/RateLimitPolicy/limits", msg)
+    data = json.loads(msg.resource_json)
+    assert data["spec"]["failureMode"] == "Closed"
+    assert data["spec"]["limits"][0]["scope"] == "Global"
+    changed = obj("RateLimitPolicy", "limits", spec={**spec, "failureMode": "Open"})
+    (change,) = t.apply([event(EventType.MODIFIED, changed, 2)], "2")
+    assert (change.type_url, set(change.updated)) == (ROUTE_TYPE, {"shop/RateLimitPolicy/limits"})
+    (gone,) = t.apply([event(EventType.DELETED, changed, 3)], "3")
+    assert gone.removed == {"shop/RateLimitPolicy/limits"}
+
+
 @pytest.mark.parametrize(
     ("name", "mutate", "error"),
     [

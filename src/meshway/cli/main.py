@@ -942,6 +942,7 @@ def cluster_agent(
         Path(settings.token_file).read_text().strip(),
         settings.node_network,
         node_proxy_args=settings.node_proxy_args,
+        ratelimit_store=settings.ratelimit_store,
     )
     agent.run()
 

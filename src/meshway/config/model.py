@@ -2202,6 +2202,137 @@ class VirtualService(Resource):
     spec: VirtualServiceSpec
 
 
+# --------------------------------------------------------------------------- RateLimitPolicy
+# (issue 6; semantics in docs/decisions/0008 and examples/ratelimit.yaml, enforced by
+# waypoint/ratelimit.py)
+
+MESHWAY_VERSIONS = ("meshway.io/v1alpha1",)
+_RATE_LIMIT_TARGET_KINDS = {
+    "Service": CORE_GROUPS,
+    "HTTPRoute": (GATEWAY_API_GROUP,),
+    "GRPCRoute": (GATEWAY_API_GROUP,),
+}
+# The longest `per`: a bucket refills at `requests` per `per`, and its Redis key lives that long.
+MAX_RATE_LIMIT_PERIOD = 24 * 3600.0
+
+
+class RateLimitTargetRef(MeshModel):
+    """A Service (every request to it) or an HTTPRoute/GRPCRoute (the requests it matched),
+    in the policy's own namespace."""
+
+    group: str = ""
+    kind: str
+    name: str
+    namespace: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RateLimitTargetRef:
+        problems: list[tuple[str, str]] = []
+        if error := dns_subdomain_error(self.name):
+            problems.append(("name", error))
+        if self.namespace:
+            problems.append(
+                ("namespace", "cross-namespace targetRefs are not supported: remove namespace")
+            )
+        groups = _RATE_LIMIT_TARGET_KINDS.get(self.kind)
+        if groups is None:
+            kinds = ", ".join(_RATE_LIMIT_TARGET_KINDS)
+            problems.append(("kind", f"unsupported kind {self.kind!r}; use one of {kinds}"))
+        elif self.group not in groups:
+            problems.append(("group", f"kind {self.kind} needs group {groups[0]!r}"))
+        _raise_problems(problems)
+        return self
+
+
+class RateLimitKey(MeshModel):
+    """What separates buckets: the client's identity, a header's value, or nothing (one
+    bucket for the whole target)."""
+
+    type: Literal["Target", "SourceIdentity", "Header"] = "Target"
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RateLimitKey:
+        if self.type == "Header":
+            if not self.name:
+                raise FieldError("name", "a Header key needs the header's name")
+            if error := _header_name_error(self.name):
+                raise FieldError("name", error)
+        elif self.name is not None:
+            raise FieldError("name", f"only a Header key has a name, not a {self.type} key")
+        return self
+
+
+class RateLimit(MeshModel):
+    """A token bucket: `burst` tokens at most, `requests` more every `per`."""
+
+    name: str
+    requests: int
+    per: str = "1s"
+    burst: int | None = None
+    key: RateLimitKey = Field(default_factory=RateLimitKey)
+    scope: Literal["Local", "Global"] = "Local"
+
+    @model_validator(mode="after")
+    def _check(self) -> RateLimit:
+        problems: list[tuple[str, str]] = []
+        if error := dns_label_error(self.name):
+            problems.append(("name", error))
+        if self.requests < 1:
+            problems.append(("requests", f"must be at least 1, got {self.requests}"))
+        try:
+            period = duration_seconds(self.per)
+        except ValueError as exc:
+            problems.append(("per", str(exc)))
+        else:
+            if not 0.001 <= period <= MAX_RATE_LIMIT_PERIOD:
+                problems.append(("per", f"must be between 1ms and 24h, got {self.per!r}"))
+        if self.burst is not None and self.burst < 1:
+            problems.append(("burst", f"must be at least 1, got {self.burst}"))
+        _raise_problems(problems)
+        return self
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second."""
+        return self.requests / duration_seconds(self.per)
+
+    @property
+    def capacity(self) -> int:
+        return self.burst if self.burst is not None else self.requests
+
+
+class RateLimitPolicySpec(MeshModel):
+    target_refs: list[RateLimitTargetRef] = Field(min_length=1)
+    limits: list[RateLimit] = Field(min_length=1)
+    failure_mode: Literal["Open", "Closed"] = "Open"
+
+    @model_validator(mode="after")
+    def _check(self) -> RateLimitPolicySpec:
+        problems: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for i, limit in enumerate(self.limits):
+            if limit.name in seen:
+                problems.append((f"limits[{i}].name", f"duplicate limit {limit.name!r}"))
+            seen.add(limit.name)
+        targets: set[tuple[str, str]] = set()
+        for i, ref in enumerate(self.target_refs):
+            if (ref.kind, ref.name) in targets:
+                problems.append((f"targetRefs[{i}]", f"duplicate target {ref.kind} {ref.name}"))
+            targets.add((ref.kind, ref.name))
+        _raise_problems(problems)
+        return self
+
+
+class RateLimitPolicy(Resource):
+    """Meshway's own rate limit API, enforced by the waypoints of the targets."""
+
+    KIND: ClassVar[str] = "RateLimitPolicy"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = MESHWAY_VERSIONS
+
+    spec: RateLimitPolicySpec
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -2222,6 +2353,7 @@ KINDS: dict[str, type[Resource]] = {
         DestinationRule,
         VirtualService,
         FaultInjection,
+        RateLimitPolicy,
     )
 }
 
@@ -2239,6 +2371,7 @@ _SHORT_NAMES = {
     "dr": "DestinationRule",
     "vs": "VirtualService",
     "fi": "FaultInjection",
+    "rlp": "RateLimitPolicy",
 }
 
 

@@ -35,6 +35,7 @@ from meshway.config.model import (
     Namespace,
     ObjectKey,
     PeerAuthentication,
+    RateLimitPolicy,
     Resource,
     Service,
     VirtualService,
@@ -54,7 +55,9 @@ from meshway.xds.types import (
 
 HBONE_PORT = 15008
 # The kinds that reach waypoints as Route resources (`WAYPOINT_CONFIG_KINDS`).
-WaypointConfig = HTTPRoute | GRPCRoute | DestinationRule | VirtualService | FaultInjection
+WaypointConfig = (
+    HTTPRoute | GRPCRoute | DestinationRule | VirtualService | FaultInjection | RateLimitPolicy
+)
 
 _ACTIONS = {
     "ALLOW": authorization_pb2.ALLOW,

@@ -38,6 +38,7 @@ from meshway.config.selection import service_endpoints
 from meshway.runtime import host
 from meshway.runtime.dns import ServiceName, hosts_file, resolv_conf
 from meshway.runtime.network import ClusterNames, ClusterNetwork, NodeAddress, node_ip
+from meshway.runtime.ratelimitstore import STORE_ENV as RATELIMIT_STORE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ class RuntimeAgent:
         node_network: str,
         cluster_domain: str = "cluster.local",
         node_proxy_args: Sequence[str] = (),
+        ratelimit_store: str = "",
     ) -> None:
         self.names = ClusterNames(cluster)
         self.dir = cluster_dir
@@ -221,6 +223,8 @@ class RuntimeAgent:
         self._node_proxies: dict[str, SupervisedProcess] = {}
         self._sidecars: dict[str, SupervisedProcess] = {}
         self.node_proxy_args = list(node_proxy_args)
+        # Given to waypoint pods in MESHWAY_RATELIMIT_STORE (runtime/ratelimitstore.py).
+        self.ratelimit_store = ratelimit_store
         self._events: queue.Queue[int] = queue.Queue()
         self._stop = threading.Event()
         self._program: dict[str, str] = {}
@@ -368,6 +372,8 @@ class RuntimeAgent:
         env = pod_environment(wl, pod, os.environ, credentials)
         if waypoint:
             env["MESHWAY_NETNS"] = str(host.NETNS_DIR / pod.netns)
+            if self.ratelimit_store:
+                env[RATELIMIT_STORE_ENV] = self.ratelimit_store
         pod.process.tick(env, wl.spec.working_dir or str(self.dir))
         self._ensure_sidecar(
             key, pod, wl.metadata.labels.get(LABEL_PROXY_MODE) == PROXY_MODE_SIDECAR

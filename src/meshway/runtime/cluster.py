@@ -1,7 +1,8 @@
 """`meshway cluster up|down|status`: a whole mesh on one Linux host.
 
-`up` starts the cluster's control plane and its runtime agent as background processes (their
-pids, logs and settings under the cluster's directory), applies the manifests and waits until
+`up` starts the cluster's control plane, its rate limit store (a `redis-server` on loopback,
+see `ratelimitstore.py`) and its runtime agent as background processes (their pids, logs and
+settings under the cluster's directory), applies the manifests and waits until
 every pod runs. `down` stops them, and then sweeps by name anything of the cluster that is
 still on the host, so that a crashed agent cannot leave namespaces behind.
 """
@@ -26,6 +27,7 @@ from meshway.cli.client import default_state_dir
 from meshway.controlplane.launcher import ControlPlaneProcess
 from meshway.runtime import host
 from meshway.runtime.network import ClusterNames
+from meshway.runtime.ratelimitstore import RedisServer, stop_pid
 
 
 class ClusterError(Exception):
@@ -42,6 +44,9 @@ class ClusterSettings:
     controlplane_pid: int
     agent_pid: int = 0
     node_proxy_args: list[str] = field(default_factory=list)
+    # The Global rate limits' Redis ("" when redis-server is not installed) and its pid.
+    ratelimit_store: str = ""
+    ratelimit_store_pid: int = 0
 
 
 def clusters_dir() -> Path:
@@ -151,6 +156,17 @@ def up(
     _save(directory, settings)
     log(f"control plane ready at {cp.server}")
     try:
+        if RedisServer.installed():
+            store = RedisServer(directory / "ratelimit-store")
+            try:
+                settings.ratelimit_store_pid = store.start(detach=True)
+            except RuntimeError as exc:
+                raise ClusterError(f"the cluster's rate limit store did not start: {exc}") from exc
+            settings.ratelimit_store = store.url
+            _save(directory, settings)
+            log(f"rate limit store ready at {store.url}")
+        else:
+            log("redis-server is not installed: Global rate limits will take their failure mode")
         from meshway.cli.client import ApiError, ControlPlaneClient
 
         client = ControlPlaneClient(cp.server, cp.token)
@@ -238,6 +254,7 @@ def down(name: str, log: Any = print) -> list[str]:
         settings = load_settings(name)
         _terminate(settings.agent_pid, 30.0)
         _terminate(settings.controlplane_pid, 10.0)
+        stop_pid(settings.ratelimit_store_pid)
     removed += sweep(name)
     if directory.exists():
         shutil.rmtree(directory)
@@ -263,6 +280,11 @@ def status(name: str) -> dict[str, Any]:
             "ready": ready,
         },
         "agent": {"pid": settings.agent_pid, "alive": _alive(settings.agent_pid)},
+        "ratelimitStore": {
+            "url": settings.ratelimit_store,
+            "pid": settings.ratelimit_store_pid,
+            "alive": _alive(settings.ratelimit_store_pid),
+        },
         **{
             k: v
             for k, v in agent_state(name).items()

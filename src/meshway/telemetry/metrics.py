@@ -237,6 +237,20 @@ class WaypointMetrics:
             ["outcome"],
             registry=r,
         )
+        # RateLimitPolicy (waypoint/ratelimit.py).
+        self.rate_limited = Counter(
+            "meshway_waypoint_rate_limited",
+            "Requests answered 429 by a RateLimitPolicy, by policy, limit, target and scope.",
+            ["policy", "limit", "target", "scope"],
+            registry=r,
+        )
+        self.rate_limit_store_failures = Counter(
+            "meshway_waypoint_rate_limit_store_failures",
+            "Requests whose Global limits the store did not answer, by the failure mode that "
+            "decided them (Open: let through, Closed: answered 503 RLSE).",
+            ["failure_mode"],
+            registry=r,
+        )
         self.hbone_errors = Gauge(
             "meshway_waypoint_hbone_rejected_connections",
             "HBONE connections and requests closed for bad input, by reason.",

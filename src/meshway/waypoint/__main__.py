@@ -28,6 +28,12 @@ def main() -> None:
         help="the pod network namespace to listen and connect in (default: $MESHWAY_NETNS;"
         " none: this process's own)",
     )
+    parser.add_argument(
+        "--ratelimit-store",
+        default=os.environ.get("MESHWAY_RATELIMIT_STORE") or None,
+        help="the Redis URL of Global rate limits (default: $MESHWAY_RATELIMIT_STORE; none: "
+        "Global limits take their policy's failure mode)",
+    )
     parser.add_argument("--cluster-domain", default="cluster.local")
     parser.add_argument("--cert-lifetime-seconds", type=int, default=0)
     parser.add_argument(
@@ -42,6 +48,13 @@ def main() -> None:
     namespace, slash, name = args.gateway.partition("/")
     if not slash or not namespace or not name:
         raise SystemExit(f"--gateway must be NAMESPACE/NAME, not {args.gateway!r}")
+    if args.ratelimit_store:
+        from redis.asyncio import ConnectionPool
+
+        try:
+            ConnectionPool.from_url(args.ratelimit_store)  # reads the URL, connects nowhere
+        except ValueError as exc:
+            raise SystemExit(f"--ratelimit-store {args.ratelimit_store!r}: {exc}") from exc
     if args.credentials is None:
         raise SystemExit("no credentials: pass --credentials or set MESHWAY_CREDENTIALS")
     try:
@@ -67,6 +80,7 @@ def main() -> None:
         ),
         access_log=args.access_log,
         netns=Path(args.netns) if args.netns else None,
+        ratelimit_store=args.ratelimit_store,
     )
     uvloop.run(run_waypoint(config))
 

@@ -18,7 +18,8 @@ is the *client's* identity. For each tunnel the waypoint:
 Response flags follow Envoy's: NR no route, UH no healthy upstream, UF upstream connection
 failure, UC upstream connection termination, UT upstream request timeout, URX retries
 exhausted, DC downstream connection termination, DI delay injected, FI fault (abort)
-injected, and "-" for none.
+injected, RL rate limited, RLSE rate limit store unavailable (a RateLimitPolicy failing
+closed), and "-" for none.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from meshway.waypoint.messages import (
     simple_response,
 )
 from meshway.waypoint.protocols import sniff
+from meshway.waypoint.ratelimit import Denial, RateLimiter, RateLimitIndex, StoreFailure
 from meshway.waypoint.routing import Mirror, RetryPolicy, RouteTable, Timeouts
 from meshway.waypoint.traffic import (
     Cluster,
@@ -208,20 +210,27 @@ class WaypointDataPath:
         self.access_log_enabled = access_log_enabled
         self.access_log = AccessLog(sys.stderr)
         self.traffic = TrafficPolicies.build([])
+        self.ratelimits = RateLimitIndex()
+        self.ratelimiter = RateLimiter(None)
         # Endpoints by (service, port), rebuilt after every state change.
         self._endpoints: dict[tuple[str, int, str | None], list[Endpoint]] = {}
         self._rand = random.random
         self._mirroring: set[asyncio.Future[None]] = set()
 
     def update(
-        self, routes: RouteTable | None = None, traffic: TrafficPolicies | None = None
+        self,
+        routes: RouteTable | None = None,
+        traffic: TrafficPolicies | None = None,
+        ratelimits: RateLimitIndex | None = None,
     ) -> None:
-        """New mesh state: rebuild the policy index, and the routes and traffic policies
-        when they changed."""
+        """New mesh state: rebuild the policy index, and the routes, traffic policies and
+        rate limits when they changed."""
         if routes is not None:
             self.routes = routes
         if traffic is not None:
             self.traffic = traffic
+        if ratelimits is not None:
+            self.ratelimits = ratelimits
         self._endpoints = {}
         self.policies = WaypointPolicyIndex(
             self.state.policies.values(), self.gateway, self.root_namespace
@@ -379,6 +388,21 @@ class WaypointDataPath:
                     outcome.flags = "NR"
                     return simple_response(404, "no route matched\n")
                 outcome.route = match.route
+            # RateLimitPolicy (ratelimit.py): after the route match, which a route's limits
+            # need, and before anything is sent anywhere.
+            limits = self.ratelimits.lookup(
+                dest.service.namespace,
+                dest.service.name,
+                routes.kind if routes is not None else None,
+                outcome.route or None,
+            )
+            if limits:
+                verdict = await self.ratelimiter.check(limits, down.identity.uri, request)
+                if verdict is not None:
+                    limited = self._rate_limited(verdict, outcome)
+                    if limited is not None:
+                        return limited
+            if match is not None:
                 if match.fault is not None:  # before the router's work, as Envoy's filter
                     aborted = await self._inject_fault(match.fault, outcome)
                     if aborted is not None:
@@ -481,6 +505,26 @@ class WaypointDataPath:
             self.metrics.mirrors.labels(outcome="failed").inc()
             return
         self.metrics.mirrors.labels(outcome="sent").inc()
+
+    def _rate_limited(self, verdict: Denial | StoreFailure, outcome: Outcome) -> Response | None:
+        """The answer to a request a RateLimitPolicy denied; None when the store failed and
+        the failure mode let it through (noted in the access log and the metrics)."""
+        if isinstance(verdict, StoreFailure):
+            self.metrics.rate_limit_store_failures.labels(failure_mode="Open").inc()
+            outcome.details = f"rate_limit_store_unavailable: {verdict.reason}"
+            return None
+        outcome.flags = verdict.flags
+        outcome.details = verdict.details
+        if verdict.limit is None:
+            self.metrics.rate_limit_store_failures.labels(failure_mode="Closed").inc()
+        else:
+            limit = verdict.limit
+            self.metrics.rate_limited.labels(
+                policy=limit.policy, limit=limit.name, target=limit.target, scope=limit.scope
+            ).inc()
+        return simple_response(
+            verdict.status, verdict.body, [("retry-after", str(verdict.retry_after))]
+        )
 
     def _authorize(self, down: Downstream, request: Request) -> Decision:
         dest = down.destination

@@ -34,6 +34,8 @@ from meshway.node.state import ProxyState, workload_identity
 from meshway.telemetry.metrics import WaypointMetrics
 from meshway.waypoint.messages import ByteStream, TcpStream
 from meshway.waypoint.proxy import WaypointDataPath
+from meshway.waypoint.ratelimit import RateLimiter, RateLimitIndex
+from meshway.waypoint.ratelimit_store import RedisStore
 from meshway.waypoint.routing import RouteTable
 from meshway.waypoint.traffic import TrafficPolicies
 from meshway.waypoint.upstream import Endpoint, UpstreamPool
@@ -61,6 +63,8 @@ class WaypointConfig:
     listen_host: str = "0.0.0.0"
     # The pod network namespace the waypoint's sockets live in (None: the process's own).
     netns: Path | None = None
+    # The Global rate limits' Redis (`redis://host:port/db`); None: they take their failure mode.
+    ratelimit_store: str | None = None
 
 
 class Waypoint:
@@ -91,6 +95,10 @@ class Waypoint:
             root_namespace=config.root_namespace,
             access_log_enabled=config.access_log,
         )
+        self.ratelimit_store = (
+            RedisStore(config.ratelimit_store) if config.ratelimit_store else None
+        )
+        self.datapath.ratelimiter = RateLimiter(self.ratelimit_store)
         self.server: HboneServer | None = None
         self.netns = PodNetns(config.netns) if config.netns is not None else None
         self.ready = asyncio.Event()
@@ -133,36 +141,44 @@ class Waypoint:
             self.state.apply(update)
         if self._routes_changed:
             self._routes_changed = False
-            self.datapath.update(*self._compile())
+            self.datapath.update(**self._compile())
         else:
             self.datapath.update()
         own = self.state.workloads.get(f"{self.config.namespace}/{self.config.name}")
         if own is not None and own.trust_domain and own.trust_domain != self.identity.trust_domain:
             self.identity = SpiffeId(own.trust_domain, self.config.namespace, self.config.name)
 
-    def _compile(self) -> tuple[RouteTable, TrafficPolicies]:
-        """The route table and the traffic policies from the Route resources (HTTPRoutes,
-        GRPCRoutes, DestinationRules, and the FaultInjections and VirtualServices the route
-        table compiles in); requests in flight keep being counted."""
+    def _compile(self) -> dict[str, Any]:
+        """What the data path is built from, out of the Route resources: the route table
+        (HTTPRoutes, GRPCRoutes, and the FaultInjections and VirtualServices it compiles in),
+        the traffic policies (DestinationRules: requests in flight keep being counted) and the
+        rate limits (unchanged limits keep their buckets); keyword arguments of `update`."""
         by_kind: dict[str, list[Any]] = {}
         for r in self.routes.values():
             by_kind.setdefault(r.KIND, []).append(r)
-        routes = [*by_kind.get("HTTPRoute", []), *by_kind.get("GRPCRoute", [])]
-        rules = by_kind.get("DestinationRule", [])
-        return (
-            RouteTable.build(
-                routes,
+        ratelimits = RateLimitIndex.build(
+            by_kind.get("RateLimitPolicy", []), self.datapath.ratelimits
+        )
+        if ratelimits.has_global and self.ratelimit_store is None:
+            log.warning(
+                "Global rate limits apply but no store is configured (--ratelimit-store or "
+                "MESHWAY_RATELIMIT_STORE): they take their policies' failureMode"
+            )
+        return {
+            "routes": RouteTable.build(
+                [*by_kind.get("HTTPRoute", []), *by_kind.get("GRPCRoute", [])],
                 self.config.cluster_domain,
                 faults=by_kind.get("FaultInjection", []),
                 virtual_services=by_kind.get("VirtualService", []),
             ),
-            TrafficPolicies.build(
-                rules,
+            "traffic": TrafficPolicies.build(
+                by_kind.get("DestinationRule", []),
                 self.config.cluster_domain,
                 self.config.root_namespace,
                 active=self.datapath.traffic.active,
             ),
-        )
+            "ratelimits": ratelimits,
+        }
 
     def _creds(self) -> WorkloadCredentials:
         creds = self.certs.current(self.identity)
@@ -207,7 +223,7 @@ class Waypoint:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.xds.run())
             await self.xds.wait_synced(None)
-            self.datapath.update(*self._compile())
+            self.datapath.update(**self._compile())
             await self.certs.get(self.identity)
             self.certs.retain({self.identity})
             tg.create_task(self.certs.run())
@@ -229,6 +245,8 @@ class Waypoint:
                 await self.server.wait_closed()
         self.datapath.access_log.flush()
         await self.upstream.close()
+        if self.ratelimit_store is not None:
+            await self.ratelimit_store.close()
         await self.hbone_pool.close()
         await self.xds.close()
         await self.ca.close()

@@ -16,8 +16,14 @@ WAYPOINT_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE)
 # Everything the control plane serves.
 ALL_TYPE_URLS = WAYPOINT_TYPE_URLS
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
-# What the Route type carries to waypoints: the routes and the traffic policies.
-WAYPOINT_CONFIG_KINDS = (*ROUTE_KINDS, "DestinationRule", "VirtualService", "FaultInjection")
+# What the Route type carries to waypoints: routes, traffic policies, faults and rate limits.
+WAYPOINT_CONFIG_KINDS = (
+    *ROUTE_KINDS,
+    "DestinationRule",
+    "VirtualService",
+    "FaultInjection",
+    "RateLimitPolicy",
+)
 
 
 def route_resource_name(namespace: str, kind: str, name: str) -> str:

@@ -5,6 +5,9 @@ l7app.py http PORT VERSION [DELAY [STATUS]]
                              DELAY seconds, with STATUS), /slow (2 s), /flaky/KEY (503 twice,
                              then 200), /ws (WebSocket echo), /_count (echoes so far, by host)
 l7app.py hits URL N C [H..]  N GETs, C at a time (aiohttp); prints what each got (JSON)
+l7app.py load URL S C [H..]  GETs for S seconds, C at a time (at most 20000); prints counts by
+                             status (and by the first header's value), the retry-after values
+                             and bodies of non-200 answers, and the seconds it took (JSON)
 l7app.py grpc PORT           a gRPC server (grpcio, generic handlers): demo.Echo/Say (unary),
                              demo.Echo/Count (server streaming), demo.Echo/Fail (NOT_FOUND)
 l7app.py grpc-says TARGET N  N demo.Echo/Say calls; prints each one's status and details (JSON)
@@ -181,6 +184,55 @@ def hits(url: str, total: int, concurrency: int, headers: list[str]) -> None:
     print(json.dumps(results))
 
 
+def load(url: str, seconds: float, concurrency: int, headers: list[str]) -> None:
+    """As fast as it can for `seconds` (bounded in count too); a header "name: value" may use
+    {i}, the request's number, or {k}, i % 2 (two keys taking turns)."""
+    import time
+
+    import aiohttp
+
+    codes: collections.Counter[str] = collections.Counter()
+    by_key: collections.Counter[str] = collections.Counter()
+    retry_after: collections.Counter[str] = collections.Counter()
+    bodies: collections.Counter[str] = collections.Counter()
+    numbers = iter(range(20000))
+    first: list[float] = []
+    last: list[float] = []
+
+    async def worker(session: aiohttp.ClientSession, deadline: float) -> None:
+        for i in numbers:
+            if time.monotonic() >= deadline:
+                return
+            sent = dict(h.format(i=i, k=i % 2).split(": ", 1) for h in headers)
+            if not first:
+                first.append(time.monotonic())
+            async with session.get(url, headers=sent) as response:
+                body = await response.read()
+            last[:] = [time.monotonic()]
+            codes[str(response.status)] += 1
+            if headers:
+                by_key[f"{next(iter(sent.values()))} {response.status}"] += 1
+            if response.status != 200:
+                retry_after[response.headers.get("retry-after", "-")] += 1
+                bodies[body.decode(errors="replace")[:60]] += 1
+
+    async def main() -> None:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            deadline = time.monotonic() + seconds
+            await asyncio.gather(*(worker(session, deadline) for _ in range(concurrency)))
+
+    asyncio.run(main())
+    result = {
+        "codes": codes,
+        "by_key": by_key,
+        "retry_after": retry_after,
+        "bodies": bodies,
+        "seconds": (last[0] - first[0]) if first and last else 0.0,
+    }
+    print(json.dumps(result))
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "http":
@@ -193,6 +245,8 @@ if __name__ == "__main__":
         )
     elif mode == "hits":
         hits(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+    elif mode == "load":
+        load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
     elif mode == "grpc":
         grpc_server(int(sys.argv[2]))
     elif mode == "grpc-client":

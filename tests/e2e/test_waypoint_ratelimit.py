@@ -1,0 +1,260 @@
+"""RateLimitPolicy end to end in the local runtime, with real traffic: a client pod sends
+faster than the limit for a few seconds, and what the waypoint admits is compared with
+burst + rate x duration (within 10 %), for a Local limit, per-key limits, a Global limit in the
+runtime's Redis, a limit on one route, and the failure mode when that Redis is gone.
+
+Waypoint replicas (the Gateway annotation `meshway.io/replicas`, not in this branch): set
+WAYPOINT_REPLICAS. The Global test then measures the limit shared by the replicas with the
+same expected number (it does not depend on how many waypoints share the store); the Local
+ones expect one waypoint and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from meshway.runtime.ratelimitstore import RedisServer, ping, stop_pid
+
+from .meshcluster import Cluster, running_cluster
+from .waypointkit import (
+    APP,
+    PY,
+    access_log,
+    apply_temporarily,
+    curl,
+    http_service,
+    shop_with_waypoint,
+    workload,
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)"),
+    pytest.mark.skipif(not RedisServer.installed(), reason="redis-server is not installed"),
+    pytest.mark.timeout(300),
+]
+
+WAYPOINT_REPLICAS = 1
+
+
+def with_replicas(manifest: str, replicas: int) -> str:
+    """The waypoint Gateway of `shop_with_waypoint` with `replicas` waypoints."""
+    if replicas == 1:
+        return manifest
+    gateway = "  name: waypoint\n  namespace: shop\n"
+    assert gateway in manifest
+    return manifest.replace(
+        gateway, f'{gateway}  annotations: {{meshway.io/replicas: "{replicas}"}}\n', 1
+    )
+
+
+MANIFEST = (
+    with_replicas(shop_with_waypoint("client", "other", "web"), WAYPOINT_REPLICAS)
+    + http_service("web", "app: web")
+    + workload("client-0", "node-1", ["sleep", "infinity"])
+    + workload("other-0", "node-1", ["sleep", "infinity"])
+    + workload("web-0", "node-2", [PY, APP, "http", "8080", "web-0"])
+    # A route on web: /api goes through it (and its limit), the rest does not match it.
+    + textwrap.dedent("""\
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: api, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+          rules:
+          - matches: [{path: {type: PathPrefix, value: /api}}]
+            backendRefs: [{name: web, port: 80}]
+          - backendRefs: [{name: web, port: 80}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: rest, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+          rules:
+          - matches: [{path: {type: PathPrefix, value: /rest}}]
+            backendRefs: [{name: web, port: 80}]
+        ---
+        """)
+)
+one_waypoint = pytest.mark.skipif(
+    WAYPOINT_REPLICAS > 1, reason="Local limits are per waypoint: expected for one"
+)
+WEB = "http://web.shop.svc.cluster.local"
+SECONDS = 4.0
+PODS = ("client-0", "other-0")
+CONCURRENCY = 8
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = tmp_path_factory.mktemp("ratelimit")
+    with running_cluster(state, MANIFEST) as cluster:
+        cluster.eventually(lambda: curl(cluster, f"{WEB}/ready")["code"] == 200, seconds=60)
+        yield cluster
+
+
+def rate_limit_policy(
+    name: str, limits: str, failure_mode: str = "Open", target: str = "{kind: Service, name: web}"
+) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: meshway.io/v1alpha1
+        kind: RateLimitPolicy
+        metadata: {{name: {name}, namespace: shop}}
+        spec:
+          targetRefs: [{target}]
+          failureMode: {failure_mode}
+          limits:
+        """) + textwrap.indent(textwrap.dedent(limits), "  ")
+
+
+def load(cluster: Cluster, pod: str, url: str, seconds: float, *headers: str) -> dict[str, Any]:
+    """Requests from `pod` as fast as it can for `seconds` (bounded in count too)."""
+    out = cluster.exec(
+        f"shop/{pod}", PY, APP, "load", url, str(seconds), str(CONCURRENCY), *headers
+    )
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def within(admitted: int, burst: int, rate: float, seconds: float) -> tuple[bool, float]:
+    expected = burst + rate * seconds
+    return abs(admitted - expected) <= 0.10 * expected, expected
+
+
+@one_waypoint
+def test_a_local_limit_admits_burst_plus_rate_and_answers_429_with_retry_after(
+    mesh: Cluster,
+) -> None:
+    policy = rate_limit_policy("local", "- {name: all, requests: 40, per: 1s, burst: 10}\n")
+    with apply_temporarily(mesh, policy):
+        before = len(access_log(mesh))
+        result = load(mesh, "client-0", f"{WEB}/local", SECONDS)
+    codes = result["codes"]
+    admitted, limited = codes.get("200", 0), codes.get("429", 0)
+    ok, expected = within(admitted, 10, 40, result["seconds"])
+    print(f"local: admitted {admitted}, limited {limited}, expected {expected:.0f}: {result}")
+    assert set(codes) <= {"200", "429"}
+    assert limited > admitted  # the client did send faster than the limit
+    assert ok, f"admitted {admitted}, expected {expected:.0f} within 10%"
+    # 429 with retry-after in whole seconds (a token every 25 ms: 1 s, rounded up), Envoy's body.
+    assert set(result["retry_after"]) == {"1"}
+    assert set(result["bodies"]) == {"local_rate_limited"}
+    entries = mesh.eventually(
+        lambda: [e for e in access_log(mesh)[before:] if e.get("response_flags") == "RL"]
+    )
+    assert entries[0]["response_code"] == 429
+    assert "shop/local/all" in entries[0]["details"]
+
+
+@one_waypoint
+def test_per_header_keys_have_their_own_buckets(mesh: Cluster) -> None:
+    policy = rate_limit_policy(
+        "per-user",
+        "- {name: user, requests: 15, per: 1s, burst: 5, key: {type: Header, name: x-user}}\n",
+    )
+    with apply_temporarily(mesh, policy):
+        # Two users taking turns: each gets its own burst + rate (with one shared bucket, each
+        # would get half of that).
+        result = load(mesh, "client-0", f"{WEB}/users", SECONDS, "x-user: u{k}")
+    print(f"per header: {result}")
+    for user in ("u0", "u1"):
+        admitted = result["by_key"].get(f"{user} 200", 0)
+        ok, expected = within(admitted, 5, 15, result["seconds"])
+        assert ok, f"{user}: admitted {admitted}, expected {expected:.0f} within 10%"
+
+
+@one_waypoint
+def test_per_identity_keys_have_their_own_buckets(mesh: Cluster) -> None:
+    policy = rate_limit_policy(
+        "per-client",
+        "- {name: client, requests: 15, per: 1s, burst: 5, key: {type: SourceIdentity}}\n",
+    )
+    with apply_temporarily(mesh, policy), ThreadPoolExecutor(2) as pool:
+        # Two pods with two service accounts at the same time: each gets its own share.
+        runs = [pool.submit(load, mesh, pod, f"{WEB}/{pod}", SECONDS) for pod in PODS]
+        results = [run.result() for run in runs]
+    print(f"per identity: {results}")
+    for pod, result in zip(PODS, results, strict=True):
+        admitted = result["codes"].get("200", 0)
+        ok, expected = within(admitted, 5, 15, result["seconds"])
+        assert ok, f"{pod}: admitted {admitted}, expected {expected:.0f} within 10%"
+
+
+@one_waypoint
+def test_a_limit_on_a_route_applies_only_to_the_requests_it_matched(mesh: Cluster) -> None:
+    policy = rate_limit_policy(
+        "on-route",
+        "- {name: rest, requests: 20, per: 1s, burst: 5}\n",
+        target="{group: gateway.networking.k8s.io, kind: HTTPRoute, name: rest}",
+    )
+    with apply_temporarily(mesh, policy), ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(load, mesh, "client-0", f"{WEB}/{p}", 3.0) for p in ("rest", "api")]
+        limited, free = (run.result() for run in runs)
+    print(f"on route: rest {limited}, api {free}")
+    admitted = limited["codes"].get("200", 0)
+    ok, expected = within(admitted, 5, 20, limited["seconds"])
+    assert ok, f"admitted {admitted}, expected {expected:.0f} within 10%"
+    assert set(free["codes"]) == {"200"}  # the other route's requests are not limited
+    assert free["codes"]["200"] > 2 * admitted
+
+
+def runtime_store(cluster: Cluster) -> tuple[str, int]:
+    settings = json.loads((cluster.directory / "cluster.json").read_text())
+    return settings["ratelimit_store"], settings["ratelimit_store_pid"]
+
+
+def test_a_global_limit_holds_the_rate_in_the_runtimes_redis(mesh: Cluster) -> None:
+    url, pid = runtime_store(mesh)
+    assert url.startswith("redis://127.0.0.1:") and pid > 0
+    assert mesh.status()["ratelimitStore"] == {"url": url, "pid": pid, "alive": True}
+    policy = rate_limit_policy(
+        "global", "- {name: all, requests: 40, per: 1s, burst: 10, scope: Global}\n"
+    )
+    with apply_temporarily(mesh, policy):
+        result = load(mesh, "client-0", f"{WEB}/global", SECONDS)
+    codes = result["codes"]
+    admitted = codes.get("200", 0)
+    ok, expected = within(admitted, 10, 40, result["seconds"])
+    print(f"global: admitted {admitted}, expected {expected:.0f}: {result}")
+    assert set(codes) <= {"200", "429"} and codes.get("429", 0) > admitted
+    assert ok, f"admitted {admitted}, expected {expected:.0f} within 10%"
+    assert set(result["bodies"]) == {"rate_limited"}
+
+
+def test_without_its_redis_a_global_limit_takes_its_failure_mode(mesh: Cluster) -> None:
+    url, pid = runtime_store(mesh)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    limits = "- {name: all, requests: 5, per: 1s, burst: 5, scope: Global}\n"
+    closed = rate_limit_policy("store-down", limits, "Closed")
+    opened = rate_limit_policy("store-down", limits, "Open")
+    replacement = RedisServer(mesh.directory / "ratelimit-store", port)
+    try:
+        stop_pid(pid)
+        assert not ping(port)
+        with apply_temporarily(mesh, closed):
+            before = len(access_log(mesh))
+            down = load(mesh, "client-0", f"{WEB}/closed", 1.0)
+            mesh.apply(opened)
+            mesh.eventually(lambda: curl(mesh, f"{WEB}/opened")["code"] == 200)
+            through = load(mesh, "client-0", f"{WEB}/opened", 1.0)
+            # Back: limiting again, after the waypoint's short back-off.
+            replacement.start()
+            mesh.eventually(
+                lambda: "429" in load(mesh, "client-0", f"{WEB}/back", 1.0)["codes"], seconds=20
+            )
+        print(f"store down: closed {down}, open {through}")
+        # Closed: every request 503 with the RLSE flag; Open: every request through.
+        assert set(down["codes"]) == {"503"} and down["codes"]["503"] > 10
+        assert set(through["codes"]) == {"200"} and through["codes"]["200"] > 10
+        flagged = [e for e in access_log(mesh)[before:] if e.get("response_flags") == "RLSE"]
+        assert flagged and flagged[0]["response_code"] == 503
+    finally:
+        replacement.stop()
