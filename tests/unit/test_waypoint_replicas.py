@@ -465,3 +465,16 @@ async def test_a_tunnel_tries_another_replica_when_one_is_down() -> None:
     with pytest.raises(HboneRefused):
         await pod._waypoint_stream(waypoint_address(), ("10.96.0.20", 80), {})
     assert len(dialled) == 1
+
+
+def test_the_example_asks_for_two_replicas() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "waypoint-replicas.yaml"
+    (gateway,) = [o for o in parse_one_source(example.read_text()) if isinstance(o, Gateway)]
+    assert gateway.replicas == 2 and gateway.spec.gateway_class_name == "istio-waypoint"
+
+
+def parse_one_source(text: str) -> list[Resource]:
+    from meshway.config.loader import parse_sources_with_origins
+
+    objects, _ = parse_sources_with_origins([("example", text)])
+    return list(objects)
