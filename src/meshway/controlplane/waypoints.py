@@ -389,9 +389,10 @@ class WaypointController:
 
         A Gateway itself; every waypoint Gateway when a Node changes (one may have been waiting
         for a node); the owner of a managed object (its phase or address feeds the status, and
-        a removed one is recreated); the Gateway named like a Workload or Service (a conflict
-        may have appeared or gone). Lookups are by key, so that a batch of ten thousand
-        workloads costs ten thousand dictionary lookups.
+        a removed one is recreated); the Gateway named like a Service, or whose replica would
+        be named like a Workload (`<gw>` or `<gw>-<i>`: a conflict may have appeared or gone).
+        Lookups are by key, so that a batch of ten thousand workloads costs at most twenty
+        thousand dictionary lookups.
         """
         keys: set[ObjectKey] = set()
         nodes_changed = False
