@@ -84,16 +84,17 @@ def workload(name: str, node: str, command: list[str], labels: str = "") -> str:
         """)
 
 
-def waypoint_log(cluster: Cluster) -> str:
-    path = cluster.directory / "logs" / "shop.waypoint.log"
+def waypoint_log(cluster: Cluster, pod: str = "waypoint") -> str:
+    """The log of a waypoint pod of `shop` (a replica: `waypoint-1`, ...)."""
+    path = cluster.directory / "logs" / f"shop.{pod}.log"
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def access_log(cluster: Cluster) -> list[dict[str, Any]]:
+def access_log(cluster: Cluster, pod: str = "waypoint") -> list[dict[str, Any]]:
     marker = "meshway.access: "
     return [
         json.loads(line.split(marker, 1)[1])
-        for line in waypoint_log(cluster).splitlines()
+        for line in waypoint_log(cluster, pod).splitlines()
         if marker in line
     ]
 

@@ -492,14 +492,31 @@ ForOpt = Annotated[
         show_default=False,
     ),
 ]
+ReplicasOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--replicas",
+        help="Waypoint processes to run, on different nodes where possible (annotation "
+        "meshway.io/replicas; default: 1, or what the Gateway has).",
+        show_default=False,
+    ),
+]
 
 
 def _waypoint_gateway(
-    namespace: str, name: str, traffic: str | None, existing: dict[str, Any] | None
+    namespace: str,
+    name: str,
+    traffic: str | None,
+    existing: dict[str, Any] | None,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
     """The Gateway `istioctl waypoint generate` writes; labels and annotations of an existing
-    Gateway of that name are kept, and `--for` only sets the label when given."""
-    from meshway.config.labels import LABEL_WAYPOINT_FOR
+    Gateway of that name are kept, and `--for` and `--replicas` only change them when given."""
+    from meshway.config.labels import (
+        ANNOTATION_REPLICAS,
+        LABEL_WAYPOINT_FOR,
+        replicas_error,
+    )
     from meshway.config.model import dns_label_error
 
     if name == "none":
@@ -508,6 +525,8 @@ def _waypoint_gateway(
         _fail(f"invalid waypoint name {name!r}: {error}", 2)
     if traffic is not None and traffic not in WAYPOINT_FOR:
         _fail(f"invalid --for {traffic!r}: use one of {', '.join(WAYPOINT_FOR)}", 2)
+    if replicas is not None and (error := replicas_error(str(replicas))):
+        _fail(f"invalid --replicas: {error}", 2)
     old_meta = (existing or {}).get("metadata", {})
     labels = dict(old_meta.get("labels") or {})
     if traffic is not None:
@@ -515,8 +534,11 @@ def _waypoint_gateway(
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if labels:
         metadata["labels"] = labels
-    if old_meta.get("annotations"):
-        metadata["annotations"] = old_meta["annotations"]
+    annotations = dict(old_meta.get("annotations") or {})
+    if replicas is not None:
+        annotations[ANNOTATION_REPLICAS] = str(replicas)
+    if annotations:
+        metadata["annotations"] = annotations
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
@@ -555,9 +577,10 @@ def waypoint_generate(
     namespace: NamespaceOpt = "default",
     name: WaypointNameOpt = "waypoint",
     traffic: ForOpt = None,
+    replicas: ReplicasOpt = None,
 ) -> None:
     """Print the Gateway that `waypoint apply` would apply, as YAML."""
-    gateway = _waypoint_gateway(namespace, name, traffic, None)
+    gateway = _waypoint_gateway(namespace, name, traffic, None, replicas)
     out.print(yaml.safe_dump(gateway, sort_keys=False).rstrip(), markup=False)
 
 
@@ -566,6 +589,7 @@ def waypoint_apply(
     namespace: NamespaceOpt = "default",
     name: WaypointNameOpt = "waypoint",
     traffic: ForOpt = None,
+    replicas: ReplicasOpt = None,
     enroll_namespace: Annotated[
         bool,
         typer.Option(
@@ -584,7 +608,7 @@ def waypoint_apply(
     token: TokenOpt = None,
 ) -> None:
     """Deploy a waypoint for a namespace: a Gateway of class istio-waypoint, from which the
-    control plane runs the waypoint's Workload and Service."""
+    control plane runs the waypoint's Workloads (one per replica) and Service."""
     from meshway.config.labels import LABEL_DATAPLANE_MODE, LABEL_USE_WAYPOINT
 
     client = ControlPlaneClient(server, token)
@@ -604,7 +628,7 @@ def waypoint_apply(
                 markup=False,
             )
     existing = _call(client.get, "Gateway", namespace, name)
-    gateway = _waypoint_gateway(namespace, name, traffic, existing)
+    gateway = _waypoint_gateway(namespace, name, traffic, existing, replicas)
     result = _call(client.apply, [("<waypoint apply>", yaml.safe_dump(gateway))])
     outcome = result["results"][0]["outcome"]
     out.print(f"waypoint {namespace}/{name} {'applied' if outcome != 'unchanged' else outcome}")
@@ -632,6 +656,7 @@ def _wait_programmed(client: ControlPlaneClient, namespace: str, name: str, time
 def _waypoint_rows(client: ControlPlaneClient, namespace: str | None) -> list[dict[str, str]]:
     from meshway.config.labels import (
         ANNOTATION_MANAGED_BY,
+        ANNOTATION_REPLICAS,
         LABEL_WAYPOINT_FOR,
         WAYPOINT_GATEWAY_CLASSES,
     )
@@ -641,15 +666,22 @@ def _waypoint_rows(client: ControlPlaneClient, namespace: str | None) -> list[di
         for g in _call(client.list, "Gateway", namespace)["items"]
         if g["spec"].get("gatewayClassName") in WAYPOINT_GATEWAY_CLASSES
     ]
-    nodes = {
-        (w["metadata"]["namespace"], w["metadata"]["name"]): w["spec"]["nodeName"]
-        for w in _call(client.list, "Workload", namespace)["items"]
-        if (w["metadata"].get("annotations") or {}).get(ANNOTATION_MANAGED_BY)
-        == f"Gateway/{w['metadata']['name']}"
-    }
+    # The replicas of each Gateway, by name (replica 0 is named like the Gateway, so first).
+    replicas: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for w in sorted(
+        _call(client.list, "Workload", namespace)["items"],
+        key=lambda w: (len(w["metadata"]["name"]), w["metadata"]["name"]),
+    ):
+        owner = (w["metadata"].get("annotations") or {}).get(ANNOTATION_MANAGED_BY, "")
+        kind, _, gateway_name = owner.partition("/")
+        if kind == "Gateway" and gateway_name:
+            replicas.setdefault((w["metadata"]["namespace"], gateway_name), []).append(w)
     rows = []
     for g in gateways:
         meta = g["metadata"]
+        ours = replicas.get((meta["namespace"], meta["name"]), [])
+        wanted = int((meta.get("annotations") or {}).get(ANNOTATION_REPLICAS, "1"))
+        running = sum((w.get("status") or {}).get("phase") == "Running" for w in ours[:wanted])
         programmed = _condition(g, "Programmed")
         state = programmed.get("status", "Unknown")
         if state == "False" and programmed.get("reason"):
@@ -663,7 +695,8 @@ def _waypoint_rows(client: ControlPlaneClient, namespace: str | None) -> list[di
                     a["value"] for a in (g.get("status") or {}).get("addresses", [])
                 )
                 or "<pending>",
-                "node": nodes.get((meta["namespace"], meta["name"]), "<none>"),
+                "node": ",".join(w["spec"]["nodeName"] for w in ours[:wanted]) or "<none>",
+                "ready": f"{running}/{wanted}",
                 "programmed": state,
                 "message": programmed.get("message", ""),
             }
@@ -679,7 +712,8 @@ def waypoint_list(
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """The waypoints of a namespace (or of all, with -A): traffic, address, node, status."""
+    """The waypoints of a namespace (or of all, with -A): traffic, address, replicas running,
+    nodes, status."""
     if output not in ("table", "json"):
         _fail(f"unknown output format '{output}' (table, json)", 2)
     rows = _waypoint_rows(ControlPlaneClient(server, token), None if all_namespaces else namespace)
@@ -690,7 +724,7 @@ def waypoint_list(
         err.print("No waypoints found.")
         return
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    columns = ("namespace", "name", "for", "address", "node", "programmed")
+    columns = ("namespace", "name", "for", "address", "ready", "node", "programmed")
     for column in columns:
         table.add_column(column.upper(), no_wrap=True)
     for row in rows:

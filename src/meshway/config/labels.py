@@ -25,3 +25,16 @@ LABEL_GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
 # Such objects are changed and deleted only with their Gateway.
 ANNOTATION_MANAGED_BY = "meshway.io/managed-by"
 WAYPOINT_GATEWAY_CLASSES = ("istio-waypoint", "meshway-waypoint")
+# On a waypoint Gateway: how many waypoint processes (Workloads) to run, "1" to
+# MAX_WAYPOINT_REPLICAS. Gateway API has no replicas field; Istio scales the Deployment.
+ANNOTATION_REPLICAS = "meshway.io/replicas"
+MAX_WAYPOINT_REPLICAS = 16
+
+
+def replicas_error(value: str) -> str | None:
+    """Why `value` is not a valid `meshway.io/replicas` annotation, or None."""
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        return f"must be a whole number from 1 to {MAX_WAYPOINT_REPLICAS}, got {value!r}"
+    if int(value) > MAX_WAYPOINT_REPLICAS:
+        return f"at most {MAX_WAYPOINT_REPLICAS} waypoint replicas, got {value}"
+    return None

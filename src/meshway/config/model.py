@@ -34,10 +34,12 @@ from pydantic_core import PydanticUndefined
 
 from meshway.config.errors import FieldError
 from meshway.config.labels import (
+    ANNOTATION_REPLICAS,
     DATAPLANE_MODES,
     LABEL_DATAPLANE_MODE,
     LABEL_WAYPOINT_FOR,
     WAYPOINT_FOR_VALUES,
+    replicas_error,
 )
 
 DEFAULT_NAMESPACE = "default"
@@ -1744,6 +1746,19 @@ class Gateway(Resource):
     def waypoint_for(self) -> str:
         """Which traffic a waypoint handles; Istio's default is 'service'."""
         return self.metadata.labels.get(LABEL_WAYPOINT_FOR, "service")
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_replicas(cls, meta: ObjectMeta) -> ObjectMeta:
+        value = meta.annotations.get(ANNOTATION_REPLICAS)
+        if value is not None and (error := replicas_error(value)):
+            raise FieldError(f"annotations[{ANNOTATION_REPLICAS}]", error)
+        return meta
+
+    @property
+    def replicas(self) -> int:
+        """How many waypoint processes to run (the `meshway.io/replicas` annotation)."""
+        return int(self.metadata.annotations.get(ANNOTATION_REPLICAS, "1"))
 
 
 # --------------------------------------------------------------------------- Istio networking

@@ -32,10 +32,11 @@ from meshway.config.references import check_deletions, check_references, check_u
 from meshway.config.store import ApplyResult, SqliteStore
 from meshway.controlplane.waypoints import (
     EXCLUSIVE_KINDS,
-    conflict_message,
     is_waypoint,
     owned_keys,
     owner_of,
+    replica_candidates,
+    waypoint_conflict,
 )
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -161,6 +162,10 @@ class Admission:
         or take the name of a waypoint's Workload or Service."""
         issues: list[ConfigIssue] = []
         gateways = {o.key: o for o in batch if isinstance(o, Gateway)}
+        in_batch = {o.key: o for o in batch if o.KIND in EXCLUSIVE_KINDS}
+
+        def lookup(okey: ObjectKey) -> Resource | None:
+            return in_batch.get(okey) or self.store.get(okey)
 
         def issue(obj: Resource, path: str, message: str) -> None:
             source, doc = sources.get(obj.key, ("", 0))
@@ -194,21 +199,28 @@ class Admission:
                     "class istio-waypoint instead",
                 )
             if isinstance(obj, Gateway) and is_waypoint(obj):
-                in_batch = {o.key: o for o in batch if o.KIND in EXCLUSIVE_KINDS}
-                for kind in EXCLUSIVE_KINDS:
-                    okey = ObjectKey(kind, ns, name)
-                    other = in_batch.get(okey) or self.store.get(okey)
-                    if other is not None and owner_of(other) != obj.key:
-                        issue(obj, "metadata.name", conflict_message(kind, obj.key))
+                conflict = waypoint_conflict(obj.key, obj.replicas, lookup)
+                if conflict is not None:
+                    issue(obj, "metadata.name", conflict)
             elif obj.KIND in EXCLUSIVE_KINDS and old is None:
-                gateway_key = ObjectKey(Gateway.KIND, ns, name)
-                if gateway_key not in gateways and is_waypoint(self.store.get(gateway_key)):
-                    issue(
-                        obj,
-                        "metadata.name",
-                        f"'{name}' is the name of the waypoint of Gateway {ns}/{name}; "
-                        "choose another name",
-                    )
+                # A Service takes a waypoint's name; a Workload that of one of its replicas.
+                candidates = replica_candidates(name) if isinstance(obj, Workload) else [(name, 0)]
+                for gateway_name, index in candidates:
+                    gateway_key = ObjectKey(Gateway.KIND, ns, gateway_name)
+                    gateway = self.store.get(gateway_key)
+                    if (
+                        gateway_key not in gateways
+                        and isinstance(gateway, Gateway)
+                        and is_waypoint(gateway)
+                        and index < gateway.replicas
+                    ):
+                        what = "waypoint" if index == 0 else f"waypoint replica {index}"
+                        issue(
+                            obj,
+                            "metadata.name",
+                            f"'{name}' is the name of the {what} of Gateway "
+                            f"{ns}/{gateway_name}; choose another name",
+                        )
         return issues
 
     def _items(self) -> Iterator[tuple[ObjectKey, Resource]]:

@@ -50,6 +50,7 @@ from meshway.node.inpod import (
     original_destination,
 )
 from meshway.node.state import ProxyState, Upstream, ip_text, workload_identity
+from meshway.node.waypoint_endpoints import WaypointEndpoints
 from meshway.policy import Connection, PolicyIndex
 from meshway.telemetry.metrics import NodeMetrics
 from meshway.xds.client import Update, XdsClient
@@ -87,6 +88,7 @@ class NodeProxy:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.state = ProxyState(config.node)
+        self.waypoints = WaypointEndpoints(self.state)
         self.metrics = NodeMetrics()
         self.xds = XdsClient(
             config.xds_address,
@@ -450,25 +452,48 @@ class PodProxy:
     ) -> HboneStream | socket.socket:
         headers = {"forwarded": f'for="{source_ip}"'}
         if upstream.waypoint is not None:
-            wp = upstream.waypoint
-            host = ip_text(wp.address.address) if wp.address.address else ""
-            if not host:
-                raise HboneRefused(503, f"waypoint {wp.service} has no address")
-            ns, _, hostname = wp.service.partition("/")
-            expected = SpiffeId(self.identity.trust_domain, ns, hostname.split(".")[0])
-            return await self._hbone_stream(
-                host,
-                wp.hbone_mtls_port or HBONE_PORT,
-                expected,
-                f"{original[0]}:{original[1]}",
-                headers,
-            )
+            return await self._waypoint_stream(upstream.waypoint, original, headers)
         if upstream.identity is None:
             return await self.netns.connect(upstream.address)
         host, port = upstream.address
         return await self._hbone_stream(
             host, HBONE_PORT, upstream.identity, f"{host}:{port}", headers
         )
+
+    async def _waypoint_stream(
+        self,
+        wp: address_pb2.GatewayAddress,
+        original: tuple[str, int],
+        headers: dict[str, str],
+    ) -> HboneStream:
+        """A tunnel through one of the waypoint's replicas, dialled at its pod IP (pooled per
+        replica); the next one when a replica cannot be reached. Every replica presents the
+        Gateway's service account."""
+        order = self.node.waypoints.dial_order(wp)
+        if not order:
+            raise HboneRefused(503, f"waypoint {wp.service} has no address")
+        ns, _, hostname = wp.service.partition("/")
+        expected = SpiffeId(self.identity.trust_domain, ns, hostname.split(".")[0])
+        authority = f"{original[0]}:{original[1]}"
+        for attempt, endpoint in enumerate(order, 1):
+            try:
+                stream = await self._hbone_stream(*endpoint, expected, authority, headers)
+            except HboneRefused:
+                raise  # the replica answered: another would answer the same
+            except (HboneError, OSError) as exc:
+                self.node.waypoints.failed(endpoint)
+                if attempt == len(order):
+                    raise
+                log.info(
+                    "waypoint %s replica %s:%d failed (%s); trying another",
+                    wp.service,
+                    *endpoint,
+                    exc,
+                )
+                continue
+            self.node.waypoints.succeeded(endpoint)
+            return stream
+        raise AssertionError("unreachable: the loop returns or raises")
 
     async def _hbone_stream(
         self, host: str, port: int, expected: SpiffeId, authority: str, headers: dict[str, str]
