@@ -34,6 +34,7 @@ from meshway.config.model import (
     Namespace,
     ObjectKey,
     PeerAuthentication,
+    RequestAuthentication,
     Resource,
     Service,
     Workload,
@@ -51,6 +52,8 @@ from meshway.xds.types import (
 )
 
 HBONE_PORT = 15008
+# The kinds delivered to waypoints as Route resources (WAYPOINT_CONFIG_KINDS).
+WaypointConfig = HTTPRoute | GRPCRoute | DestinationRule | RequestAuthentication
 
 _ACTIONS = {
     "ALLOW": authorization_pb2.ALLOW,
@@ -116,7 +119,7 @@ class _Namespaced:
     def peer_authentications(self) -> dict[str, PeerAuthentication]:
         return self.tables["PeerAuthentication"]
 
-    def route(self, kind: str, name: str) -> HTTPRoute | GRPCRoute | DestinationRule | None:
+    def route(self, kind: str, name: str) -> WaypointConfig | None:
         table = self.tables.get(kind)
         return table.get(name) if table is not None else None
 
@@ -203,7 +206,7 @@ class MeshTranslator:
             )
             for namespace in list(self._ns) if mesh_wide else [ns]:
                 self._mark_namespace(namespace, dirty)
-        elif isinstance(obj, (HTTPRoute, GRPCRoute, DestinationRule)):
+        elif isinstance(obj, (HTTPRoute, GRPCRoute, DestinationRule, RequestAuthentication)):
             dirty[ROUTE_TYPE].add(route_resource_name(ns, obj.KIND, obj.metadata.name))
         elif isinstance(obj, (Namespace, Gateway)):
             self._mark_namespace(obj.metadata.name if isinstance(obj, Namespace) else ns, dirty)
@@ -251,6 +254,10 @@ class MeshTranslator:
         if type_url == ROUTE_TYPE:
             kind, _, route_name = rest.partition("/")
             route = bucket.route(kind, route_name)
+            if isinstance(route, RequestAuthentication) and not (
+                route.spec.target_refs or route.spec.target_ref
+            ):
+                return None  # a selector RequestAuthentication is not for waypoints
             return self._route(route) if route is not None else None
         if type_url == AUTHORIZATION_TYPE:
             policy = bucket.policies.get(rest)
@@ -422,7 +429,7 @@ class MeshTranslator:
         return out
 
     @staticmethod
-    def _route(route: HTTPRoute | GRPCRoute | DestinationRule) -> route_pb2.Route:
+    def _route(route: WaypointConfig) -> route_pb2.Route:
         """The route as canonical JSON (sorted keys), so that equal routes are equal bytes.
 
         The status and the resource version are left out: the waypoint reads neither, and a

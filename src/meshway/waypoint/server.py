@@ -31,14 +31,16 @@ from meshway.node.certificates import CertificateManager
 from meshway.node.inpod import PodNetns, listen_in
 from meshway.node.main import run_until_signalled
 from meshway.node.state import ProxyState, workload_identity
+from meshway.policy.requestauth import RequestAuthIndex
 from meshway.telemetry.metrics import WaypointMetrics
+from meshway.waypoint.jwks import JwksCache, JwksFetcher, mesh_resolver
 from meshway.waypoint.messages import ByteStream, TcpStream
 from meshway.waypoint.proxy import WaypointDataPath
 from meshway.waypoint.routing import RouteTable
 from meshway.waypoint.traffic import TrafficPolicies
 from meshway.waypoint.upstream import Endpoint, UpstreamPool
 from meshway.xds.client import Update, XdsClient
-from meshway.xds.types import ROUTE_TYPE, waypoint_types
+from meshway.xds.types import ROUTE_KINDS, ROUTE_TYPE, waypoint_types
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,12 @@ class Waypoint:
         self.identity = SpiffeId(DEFAULT_TRUST_DOMAIN, config.namespace, config.name)
         self.hbone_pool = HboneConnectionPool()
         self.upstream = UpstreamPool(self._open)
+        # JWK sets of RequestAuthentications' jwksUri, fetched from the waypoint's pod netns.
+        self.jwks = JwksCache(
+            JwksFetcher(
+                mesh_resolver(lambda: self.state.services, config.cluster_domain), self._connect
+            )
+        )
         service = f"{config.namespace}/{config.name}.{config.namespace}.svc.{config.cluster_domain}"
         self.datapath = WaypointDataPath(
             (config.namespace, config.name),
@@ -111,6 +119,7 @@ class Waypoint:
             "certificates": self.certs.dump(),
             "routes": sorted(self.routes),
             "policies": sorted(self.state.policies),
+            "jwks": self.jwks.dump(),
             "services": sorted(self.state.services),
             "connections": {
                 "downstream": self.server.active_connections if self.server else 0,
@@ -140,11 +149,20 @@ class Waypoint:
         if own is not None and own.trust_domain and own.trust_domain != self.identity.trust_domain:
             self.identity = SpiffeId(own.trust_domain, self.config.namespace, self.config.name)
 
-    def _compile(self) -> tuple[RouteTable, TrafficPolicies]:
-        """The route table and the traffic policies from the Route resources (HTTPRoutes,
-        GRPCRoutes and DestinationRules); requests in flight keep being counted."""
-        routes = [r for r in self.routes.values() if r.KIND != "DestinationRule"]
+    def _compile(self) -> tuple[RouteTable, TrafficPolicies, RequestAuthIndex]:
+        """The route table, the traffic policies and the RequestAuthentications from the Route
+        resources; requests in flight keep being counted, JWK sets still named are kept."""
+        routes = [r for r in self.routes.values() if r.KIND in ROUTE_KINDS]
         rules = [r for r in self.routes.values() if r.KIND == "DestinationRule"]
+        authns = [r for r in self.routes.values() if r.KIND == "RequestAuthentication"]
+        self.jwks.begin()
+        authn = RequestAuthIndex(
+            authns,
+            (self.config.namespace, self.config.name),
+            self.jwks,
+            self.config.root_namespace,
+        )
+        self.jwks.end()
         return (
             RouteTable.build(routes, self.config.cluster_domain),
             TrafficPolicies.build(
@@ -153,6 +171,7 @@ class Waypoint:
                 self.config.root_namespace,
                 active=self.datapath.traffic.active,
             ),
+            authn,
         )
 
     def _creds(self) -> WorkloadCredentials:
@@ -219,6 +238,7 @@ class Waypoint:
             with contextlib.suppress(Exception):
                 await self.server.wait_closed()
         self.datapath.access_log.flush()
+        self.jwks.close()
         await self.upstream.close()
         await self.hbone_pool.close()
         await self.xds.close()

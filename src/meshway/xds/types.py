@@ -16,8 +16,9 @@ WAYPOINT_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE)
 # Everything the control plane serves.
 ALL_TYPE_URLS = WAYPOINT_TYPE_URLS
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
-# What the Route type carries to waypoints: the routes and the traffic policies.
-WAYPOINT_CONFIG_KINDS = (*ROUTE_KINDS, "DestinationRule")
+# What the Route type carries to waypoints: the routes, the traffic policies and the
+# RequestAuthentications attached with targetRefs.
+WAYPOINT_CONFIG_KINDS = (*ROUTE_KINDS, "DestinationRule", "RequestAuthentication")
 
 
 def route_resource_name(namespace: str, kind: str, name: str) -> str:
