@@ -37,6 +37,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
@@ -212,8 +213,14 @@ _NO_SOURCES = _NoKeySources()
 # -- tokens ------------------------------------------------------------------------------------
 
 
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
 def _b64decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    """Strict base64url (the standard library would skip characters outside the alphabet)."""
+    if not _BASE64URL.fullmatch(part):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(part.rstrip("=") + "=" * (-len(part.rstrip("=")) % 4))
 
 
 @dataclass(frozen=True, slots=True)
