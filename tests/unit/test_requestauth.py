@@ -225,6 +225,14 @@ def test_jwks_parsing_errors_and_skipped_keys() -> None:
     assert [(k.kid, k.kty, k.crv) for k in keys] == [("ec-1", "EC", "P-256")]
 
 
+async def test_rules_without_usable_keys_refuse_tokens_and_say_why() -> None:
+    unusable = authenticator({"issuer": ISSUER, "jwks": jwks({"kty": "RSA", "kid": "x"})})
+    assert (await check(unusable, req(bearer(token())))).error == ra.JWKS_NO_VALID_KEYS
+    discovery_only = authenticator({"issuer": ISSUER})  # OpenID discovery: not built
+    assert (await check(discovery_only, req(bearer(token())))).error == ra.JWKS_FETCH_FAILED
+    assert (await check(discovery_only, req())) == ra.NO_TOKEN
+
+
 # -- locations and outputs -----------------------------------------------------------------------
 
 

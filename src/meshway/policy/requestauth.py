@@ -204,10 +204,23 @@ class _NoKeySources:
     """For an index built without a fetcher: a `jwksUri` then has no keys (401)."""
 
     def source(self, uri: str, timeout: float) -> KeySource:
-        return StaticKeys('{"keys": []}')
+        return _NO_KEYS
 
 
 _NO_SOURCES = _NoKeySources()
+
+
+class _NoKeys:
+    """A rule whose keys cannot be had (no fetcher; OpenID discovery is not built)."""
+
+    def current(self) -> tuple[JwtKey, ...] | None:
+        return None
+
+    async def wait(self) -> tuple[JwtKey, ...] | None:
+        return None
+
+
+_NO_KEYS = _NoKeys()
 
 
 # -- tokens ------------------------------------------------------------------------------------
@@ -346,7 +359,9 @@ class CompiledJwtRule:
 
     def verify_signature(self, parsed: ParsedJwt, keys: Sequence[JwtKey] | None) -> None:
         if keys is None:
-            raise JwtError(JWKS_FETCH_FAILED)
+            # An inline set with no usable key says so; a URL or file that gave none yet:
+            static_error = self.keys.error if isinstance(self.keys, StaticKeys) else None
+            raise JwtError(static_error or JWKS_FETCH_FAILED)
         alg = parsed.alg
         fitting = [k for k in keys if k.fits(alg, parsed.kid)]
         if not fitting:
@@ -372,7 +387,7 @@ def compile_rule(policy: str, rule: JwtRule, sources: KeySources) -> CompiledJwt
         keys = sources.source(rule.jwks_uri, timeout if timeout > 0 else 5.0)
     else:
         # Istio's control plane would find the keys by OpenID discovery; not built yet.
-        keys = StaticKeys('{"keys": []}')
+        keys = _NO_KEYS
     headers = tuple((h.name.lower(), h.prefix or "") for h in rule.from_headers)
     params = tuple(rule.from_params)
     cookies = tuple(rule.from_cookies)
