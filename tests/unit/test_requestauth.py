@@ -228,9 +228,9 @@ def test_jwks_parsing_errors_and_skipped_keys() -> None:
 async def test_rules_without_usable_keys_refuse_tokens_and_say_why() -> None:
     unusable = authenticator({"issuer": ISSUER, "jwks": jwks({"kty": "RSA", "kid": "x"})})
     assert (await check(unusable, req(bearer(token())))).error == ra.JWKS_NO_VALID_KEYS
-    discovery_only = authenticator({"issuer": ISSUER})  # OpenID discovery: not built
-    assert (await check(discovery_only, req(bearer(token())))).error == ra.JWKS_FETCH_FAILED
-    assert (await check(discovery_only, req())) == ra.NO_TOKEN
+    no_fetcher = authenticator({"issuer": ISSUER})  # discovery needs a fetcher
+    assert (await check(no_fetcher, req(bearer(token())))).error == ra.JWKS_FETCH_FAILED
+    assert (await check(no_fetcher, req())) == ra.NO_TOKEN
 
 
 # -- locations and outputs -----------------------------------------------------------------------
@@ -375,8 +375,13 @@ class JwksServer:
             self.hits += 1
             return web.Response(status=self.status, text=self.body, content_type="application/json")
 
+        async def discovery(request: web.Request) -> web.Response:
+            base = f"http://{request.host}"
+            return web.json_response({"issuer": base, "jwks_uri": f"{base}/jwks.json"})
+
         app = web.Application()
         app.router.add_get("/jwks.json", handle)
+        app.router.add_get("/.well-known/openid-configuration", discovery)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -429,7 +434,7 @@ async def test_jwks_from_a_url_resolved_from_mesh_state_and_refreshed(
         jwks_server.status = 500
         failures_from = jwks_server.hits
         await wait_for(lambda: jwks_server.hits >= failures_from + 2)
-        remote = cache._sets[(uri, 2.0)]
+        remote = cache._sets[(uri, 2.0, False)]
         assert remote.error is not None and "HTTP 500" in remote.error
         assert (await check(auth, req(bearer(token())))).auth is not None
         # Garbage is not taken either.
@@ -446,6 +451,19 @@ async def test_jwks_from_a_url_resolved_from_mesh_state_and_refreshed(
         )
         assert (await check(auth, req(bearer(rotated)))).auth is not None
         assert (await check(auth, req(bearer(token())))).error == ra.KID_ALG_MISMATCH
+    finally:
+        cache.close()
+
+
+async def test_jwks_by_openid_discovery_of_the_issuer(jwks_server: JwksServer) -> None:
+    fetcher = JwksFetcher(mesh_resolver(loopback_services, "cluster.local"))
+    cache = JwksCache(fetcher)
+    issuer = f"http://issuer.auth.svc.cluster.local:{jwks_server.port}"
+    try:
+        auth = authenticator({"issuer": issuer}, sources=cache)
+        result = await check(auth, req(bearer(token(iss=issuer))))
+        assert result.auth is not None and result.auth.principal == f"{issuer}/alice"
+        assert jwks_server.hits == 1  # the set named by the discovery document
     finally:
         cache.close()
 

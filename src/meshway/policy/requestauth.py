@@ -21,7 +21,8 @@ configures every provider with `allow_missing`):
   in the rule's `audiences`, scheme and final slash ignored; an empty list checks none, which
   is what Istio configures although its reference mentions the service name), then the
   signature with a key of the rule's JWK set whose `kid`, `kty`/`crv` and `alg` fit the token
-  (an HMAC token never matches a public key).
+  (an HMAC token never matches a public key). A rule with neither `jwks` nor `jwksUri` finds
+  its set by OpenID discovery (`<issuer>/.well-known/openid-configuration`), as istiod does.
 - After success: the request principal is `<iss>/<sub>`; `outputClaimToHeaders` sets headers
   from claims (nested claims with `a.b`, lists joined with `,`), `outputPayloadToHeader` the
   base64url payload; unless `forwardOriginalToken`, the header that carried the token is
@@ -48,7 +49,7 @@ import jwt
 from jwt.algorithms import Algorithm
 
 from meshway.api.v1 import authorization_pb2
-from meshway.config.model import JwtRule, RequestAuthentication
+from meshway.config.model import JwtRule, RequestAuthentication, duration_seconds
 from meshway.policy.authorization import DEFAULT_ROOT_NAMESPACE
 from meshway.policy.waypoint import _targets
 
@@ -58,6 +59,8 @@ CLOCK_SKEW = 60.0  # Envoy's default clock_skew_seconds
 DEFAULT_HEADER = ("authorization", "Bearer ")
 DEFAULT_PARAM = "access_token"
 REALM_PATH_LIMIT = 256  # Envoy's MaximumUriLength for the realm
+DEFAULT_JWKS_TIMEOUT = 5.0  # Istio's JWTRule.timeout default
+OPENID_CONFIGURATION = "/.well-known/openid-configuration"
 
 # Envoy's texts (jwt_verify_lib status strings) for the failures the waypoint reports.
 BAD_FORMAT = "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
@@ -195,15 +198,16 @@ class StaticKeys:
 
 
 class KeySources(Protocol):
-    """Gives the key source of a `jwksUri` (file or HTTP(S)) with the rule's timeout."""
+    """Gives the key source of a `jwksUri` (file or HTTP(S)) with the rule's timeout; with
+    `discovery`, `uri` is an OpenID configuration whose `jwks_uri` names the set."""
 
-    def source(self, uri: str, timeout: float) -> KeySource: ...
+    def source(self, uri: str, timeout: float, discovery: bool = False) -> KeySource: ...
 
 
 class _NoKeySources:
     """For an index built without a fetcher: a `jwksUri` then has no keys (401)."""
 
-    def source(self, uri: str, timeout: float) -> KeySource:
+    def source(self, uri: str, timeout: float, discovery: bool = False) -> KeySource:
         return _NO_KEYS
 
 
@@ -211,7 +215,7 @@ _NO_SOURCES = _NoKeySources()
 
 
 class _NoKeys:
-    """A rule whose keys cannot be had (no fetcher; OpenID discovery is not built)."""
+    """A rule whose keys cannot be had (no fetcher, or no URL to discover them from)."""
 
     def current(self) -> tuple[JwtKey, ...] | None:
         return None
@@ -377,16 +381,17 @@ class CompiledJwtRule:
 
 
 def compile_rule(policy: str, rule: JwtRule, sources: KeySources) -> CompiledJwtRule:
-    from meshway.config.model import duration_seconds
-
     keys: KeySource
+    timeout = duration_seconds(rule.timeout) if rule.timeout else DEFAULT_JWKS_TIMEOUT
+    timeout = timeout if timeout > 0 else DEFAULT_JWKS_TIMEOUT
     if rule.jwks is not None:
         keys = StaticKeys(rule.jwks)
     elif rule.jwks_uri:
-        timeout = duration_seconds(rule.timeout) if rule.timeout else 5.0
-        keys = sources.source(rule.jwks_uri, timeout if timeout > 0 else 5.0)
+        keys = sources.source(rule.jwks_uri, timeout)
+    elif rule.issuer and rule.issuer.startswith(("https://", "http://")):
+        # OpenID discovery, as istiod does: the issuer's configuration names the JWK set.
+        keys = sources.source(rule.issuer.rstrip("/") + OPENID_CONFIGURATION, timeout, True)
     else:
-        # Istio's control plane would find the keys by OpenID discovery; not built yet.
         keys = _NO_KEYS
     headers = tuple((h.name.lower(), h.prefix or "") for h in rule.from_headers)
     params = tuple(rule.from_params)

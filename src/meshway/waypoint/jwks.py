@@ -3,11 +3,13 @@
 A `jwksUri` is `http(s)://...` (fetched from inside the mesh: the waypoint opens its sockets in
 its pod's network namespace, so it reaches pod IPs and Service VIPs; `<svc>.<ns>.svc.<domain>`
 names are resolved from the waypoint's own xDS state, other names by the host's resolver) or
-`file:///path` (a file on the waypoint's host). Each set is loaded when a rule first names it
-and then every REFRESH_INTERVAL (istiod's default refresh of JWKS); a failed load is retried
-sooner, and keeps the last good keys. Requests never wait for a load, except a request whose
-token needs a set that has not finished loading the first time (at most the rule's `timeout`);
-with no keys at all, such tokens get 401 `Jwks remote fetch is failed`.
+`file:///path` (a file on the waypoint's host); a rule with only an `issuer` finds its set by
+OpenID discovery (`<issuer>/.well-known/openid-configuration`, then its `jwks_uri`). Each set
+is loaded when a rule first names it and then every REFRESH_INTERVAL (istiod's default
+refresh of JWKS); a failed load is retried sooner, and keeps the last good keys. Requests never
+wait for a load, except a request whose token needs a set that has not finished loading the
+first time (at most the rule's `timeout`); with no keys at all, such tokens get 401 `Jwks
+remote fetch is failed`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import socket
 import ssl
@@ -153,8 +156,10 @@ class RemoteJwks:
         fetch: Fetch,
         refresh: float = REFRESH_INTERVAL,
         retry: float = RETRY_FIRST,
+        discovery: bool = False,
     ) -> None:
         self.uri = uri
+        self.discovery = discovery
         self.timeout = timeout
         self.keys: tuple[JwtKey, ...] | None = None
         self.error: str | None = None
@@ -185,10 +190,22 @@ class RemoteJwks:
                 await self._loaded.wait()
         return self.keys
 
+    async def _read(self) -> bytes:
+        if not self.discovery:
+            return await self._fetch(self.uri, self.timeout)
+        try:
+            config = json.loads(await self._fetch(self.uri, self.timeout))
+        except ValueError as exc:
+            raise JwksFetchError(f"{self.uri}: not JSON") from exc
+        jwks_uri = config.get("jwks_uri") if isinstance(config, dict) else None
+        if not isinstance(jwks_uri, str) or urlparse(jwks_uri).scheme not in ("http", "https"):
+            raise JwksFetchError(f"{self.uri}: no http(s) jwks_uri")
+        return await self._fetch(jwks_uri, self.timeout)
+
     async def load(self) -> bool:
         """One load; True when it gave keys."""
         try:
-            keys = parse_jwks(await self._fetch(self.uri, self.timeout))
+            keys = parse_jwks(await self._read())
         except (JwksFetchError, JwksError) as exc:
             self.error = str(exc)
             log.warning(
@@ -222,15 +239,15 @@ class JwksCache:
     def __init__(self, fetch: Fetch, refresh: float = REFRESH_INTERVAL) -> None:
         self._fetch = fetch
         self._refresh = refresh
-        self._sets: dict[tuple[str, float], RemoteJwks] = {}
-        self._used: set[tuple[str, float]] = set()
+        self._sets: dict[tuple[str, float, bool], RemoteJwks] = {}
+        self._used: set[tuple[str, float, bool]] = set()
 
-    def source(self, uri: str, timeout: float) -> RemoteJwks:
-        key = (uri, timeout)
+    def source(self, uri: str, timeout: float, discovery: bool = False) -> RemoteJwks:
+        key = (uri, timeout, discovery)
         self._used.add(key)
         found = self._sets.get(key)
         if found is None:
-            found = RemoteJwks(uri, timeout, self._fetch, self._refresh)
+            found = RemoteJwks(uri, timeout, self._fetch, self._refresh, discovery=discovery)
             self._sets[key] = found
             found.start()
         return found
@@ -246,7 +263,7 @@ class JwksCache:
     def dump(self) -> dict[str, Any]:
         return {
             uri: {"keys": len(s.keys or ()), "loads": s.loads, "error": s.error}
-            for (uri, _), s in self._sets.items()
+            for (uri, _, _), s in self._sets.items()
         }
 
     def close(self) -> None:
