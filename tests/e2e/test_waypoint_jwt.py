@@ -175,17 +175,20 @@ def test_forward_original_token_from_a_custom_header(mesh: Cluster) -> None:
     authn = request_authentication("""\
         fromHeaders: [{name: x-token}]
         forwardOriginalToken: true
+        outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]
         """)
     good = token()
     with apply_temporarily(mesh, authn):
         forwarded = curl(mesh, f"{WEB}/fwd", "-H", f"x-token: {good}")
         bad = curl(mesh, f"{WEB}/bad", "-H", f"x-token: {token(exp=int(time.time()) - 600)}")
-        anonymous = curl(mesh, f"{WEB}/anon")
+        anonymous = curl(mesh, f"{WEB}/anon", "-H", "x-jwt-sub: root")
         # Authorization is not a location of this rule: its token is not looked at.
         elsewhere = curl(mesh, f"{WEB}/elsewhere", *bearer("garbage"))
     assert forwarded["code"] == 200, forwarded
     assert json.loads(forwarded["body"])["headers"]["x-token"] == good
     assert (bad["code"], bad["body"]) == (401, "Jwt is expired")
     assert anonymous["code"] == 200  # no AuthorizationPolicy: no token is fine
+    assert "x-jwt-sub" not in json.loads(anonymous["body"])["headers"]  # not passed off as a claim
+    assert json.loads(forwarded["body"])["headers"]["x-jwt-sub"] == "alice"
     assert elsewhere["code"] == 200
     assert json.loads(elsewhere["body"])["headers"]["authorization"] == "Bearer garbage"

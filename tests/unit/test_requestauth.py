@@ -303,6 +303,10 @@ async def test_claims_to_headers_payload_header_and_token_stripped() -> None:
     assert headers["accept"] == "*/*"
     payload = base64.urlsafe_b64decode(headers["x-jwt-payload"] + "==")
     assert json.loads(payload)["groups"] == ["staff", "admin"]
+    # Without a token, a client cannot pass such headers off as verified claims.
+    spoofed = req([("x-jwt-sub", "admin"), ("x-jwt-payload", "e30"), ("accept", "*/*")])
+    assert await check(auth, spoofed) == ra.NO_TOKEN
+    assert spoofed.headers == [("accept", "*/*")]
 
 
 async def test_forward_original_token_keeps_it_and_failures_change_nothing() -> None:
@@ -317,6 +321,15 @@ async def test_forward_original_token_keeps_it_and_failures_change_nothing() -> 
 
 
 # -- attachment ----------------------------------------------------------------------------------
+
+
+def test_mesh_resolver_names_ips_and_others() -> None:
+    resolve = mesh_resolver(loopback_services, "cluster.local")
+    assert resolve("issuer.auth.svc.cluster.local", 80) == ("127.0.0.1", 80)
+    assert resolve("10.0.0.7", 8443) == ("10.0.0.7", 8443)
+    assert resolve("[::1]", 80) == ("::1", 80)
+    assert resolve("missing.auth.svc.cluster.local", 80) is None  # then DNS
+    assert resolve("issuer.example", 443) is None
 
 
 def test_only_target_refs_policies_attach_and_lookups_are_cached() -> None:

@@ -26,7 +26,9 @@ configures every provider with `allow_missing`):
 - After success: the request principal is `<iss>/<sub>`; `outputClaimToHeaders` sets headers
   from claims (nested claims with `a.b`, lists joined with `,`), `outputPayloadToHeader` the
   base64url payload; unless `forwardOriginalToken`, the header that carried the token is
-  removed before forwarding (a parameter or cookie stays, as in Envoy).
+  removed before forwarding (a parameter or cookie stays, as in Envoy). A request without a
+  token loses the headers the rules output (a deliberate difference from Istio, which passes a
+  client's own `x-jwt-sub` on), so that a backend can trust them.
 
 Signatures are checked with PyJWT's algorithms (on `cryptography`); parsing is done here so
 that each failure gets Envoy's own message.
@@ -518,6 +520,15 @@ class Authenticator:
 
     def __init__(self, rules: Sequence[CompiledJwtRule]) -> None:
         self.rules = tuple(rules)
+        # The headers the rules output: removed from requests without a verified token.
+        self.output_headers = frozenset(
+            name
+            for rule in self.rules
+            for name in (
+                *(header for header, _ in rule.claim_headers),
+                *((rule.payload_header,) if rule.payload_header else ()),
+            )
+        )
 
     def _tokens(self, request: AuthRequest) -> list[_Found]:
         found: dict[str, _Found] = {}
@@ -560,6 +571,10 @@ class Authenticator:
         """Check the request's tokens; on success, apply the winning rule's header outputs."""
         found = self._tokens(request)
         if not found:
+            if self.output_headers:
+                # Istio passes them on; a backend could then not trust them without a policy.
+                drop = self.output_headers
+                request.headers[:] = [(k, v) for k, v in request.headers if k not in drop]
             return NO_TOKEN
         first_error: JwtError | None = None
         for entry in found:
