@@ -29,7 +29,13 @@ from meshway.node.state import ProxyState
 from meshway.policy import requestauth as ra
 from meshway.policy.requestauth import Authenticator, RequestAuthIndex, parse_jwks
 from meshway.telemetry.metrics import WaypointMetrics
-from meshway.waypoint.jwks import JwksCache, JwksFetcher, RemoteJwks, mesh_resolver
+from meshway.waypoint.jwks import (
+    JwksCache,
+    JwksFetcher,
+    JwksFetchError,
+    RemoteJwks,
+    mesh_resolver,
+)
 from meshway.waypoint.messages import Body, Request, Response
 from meshway.waypoint.proxy import AccessLog, Downstream, WaypointDataPath
 from meshway.xds.client import Update
@@ -466,6 +472,67 @@ async def test_jwks_from_a_url_resolved_from_mesh_state_and_refreshed(
         assert (await check(auth, req(bearer(token())))).error == ra.KID_ALG_MISMATCH
     finally:
         cache.close()
+
+
+async def test_jwks_over_https_with_the_servers_name_checked(tmp_path: Path) -> None:
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer.auth.svc.cluster.local")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("issuer.auth.svc.cluster.local")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(text=JWKS, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        resolve = mesh_resolver(loopback_services, "cluster.local")
+        trusted = JwksFetcher(resolve, ssl_context=client_ctx)
+        data = await trusted(f"https://issuer.auth.svc.cluster.local:{port}/jwks.json", 5.0)
+        assert parse_jwks(data)[0].kid == "rsa-1"
+        with pytest.raises(JwksFetchError):  # the host's CA bundle does not know this server
+            await JwksFetcher(resolve)(f"https://issuer.auth.svc.cluster.local:{port}/x", 5.0)
+        with pytest.raises(JwksFetchError):  # the name is checked, not just the chain
+            await trusted(f"https://127.0.0.1:{port}/jwks.json", 5.0)
+    finally:
+        await runner.cleanup()
 
 
 async def test_jwks_by_openid_discovery_of_the_issuer(jwks_server: JwksServer) -> None:

@@ -110,11 +110,17 @@ class MeshNetworkBackend(httpcore.AnyIOBackend):
 class JwksFetcher:
     """Reads a `jwksUri`: HTTP(S) GET through `MeshNetworkBackend`, or a file."""
 
-    def __init__(self, resolve: Resolve | None = None, dial: Dial | None = None) -> None:
+    def __init__(
+        self,
+        resolve: Resolve | None = None,
+        dial: Dial | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._backend = MeshNetworkBackend(
             resolve or (lambda host, port: None), dial or _plain_dial
         )
-        self._ssl = ssl.create_default_context()
+        # HTTPS issuers are checked against the host's CA bundle.
+        self._ssl = ssl_context or ssl.create_default_context()
 
     async def __call__(self, uri: str, timeout: float) -> bytes:
         url = urlparse(uri)
