@@ -478,6 +478,34 @@ def test_jwt_rule_needs_issuer_or_jwks_uri() -> None:
     assert by_path["spec.jwtRules[0].audiences[0]"] == "must not be an empty string"
 
 
+def test_jwks_uri_is_http_https_or_an_absolute_file_url() -> None:
+    def jwks_uri_issue(uri: str) -> str | None:
+        text = _text(
+            (
+                f"""
+                apiVersion: security.istio.io/v1
+                kind: RequestAuthentication
+                metadata: {{name: jwt, namespace: shop}}
+                spec:
+                  jwtRules: [{{issuer: "https://issuer.example", jwksUri: "{uri}"}}]
+                """,
+            )
+        )
+        try:
+            parse_documents(text, "test.yaml")
+        except ConfigError as exc:
+            by_path = {i.path: i.message for i in exc.issues}
+            return by_path["spec.jwtRules[0].jwksUri"]
+        return None
+
+    assert jwks_uri_issue("https://issuer.example/.well-known/jwks.json") is None
+    assert jwks_uri_issue("http://jwks.auth.svc.cluster.local:8080/jwks.json") is None
+    assert jwks_uri_issue("file:///etc/meshway/jwks.json") is None
+    assert "file:///absolute/path" in (jwks_uri_issue("file://host/etc/jwks.json") or "")
+    assert "file:///absolute/path" in (jwks_uri_issue("file:jwks.json") or "")
+    assert "http(s)://host/ or file:///path" in (jwks_uri_issue("ftp://x/jwks.json") or "")
+
+
 # --------------------------------------------------------------------------- Gateway API
 
 

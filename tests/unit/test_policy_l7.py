@@ -9,6 +9,7 @@ import pytest
 from meshway.api.v1 import authorization_pb2 as pb
 from meshway.identity.spiffe import SpiffeId
 from meshway.policy.authorization import Connection, evaluate_authorization
+from meshway.policy.requestauth import RequestAuth
 from meshway.policy.waypoint import (
     RequestContext,
     WaypointPolicyIndex,
@@ -32,6 +33,7 @@ def request(
     host: str = "web.shop.svc.cluster.local",
     headers: list[tuple[str, str]] | None = None,
     port: int = 80,
+    auth: RequestAuth | None = None,
 ) -> RequestContext:
     return RequestContext(
         ipaddress.ip_address("10.0.0.5"),
@@ -42,6 +44,7 @@ def request(
         target,
         host,
         headers or [],
+        auth,
     )
 
 
@@ -200,11 +203,12 @@ def test_which_policies_a_waypoint_enforces() -> None:
 
 
 def test_unevaluable_attributes_fail_closed() -> None:
-    jwt_allow = policy("jwt", pb.ALLOW, rule(request_principals=["issuer/subject"]))
-    assert not decide([jwt_allow], request())  # an ALLOW rule we cannot check never matches
-    jwt_deny = policy("jwt-deny", pb.DENY, rule(request_principals=["*"], paths=["/x"]))
-    assert not decide([jwt_deny], request(target="/x"))  # DENY: treated as matching
-    assert decide([jwt_deny], request(target="/y"))  # ... but the rest of the rule still counts
+    sni = [pb.Condition(key="connection.sni", values=["web.example"])]
+    sni_allow = policy("sni", pb.ALLOW, rule(when=sni))
+    assert not decide([sni_allow], request())  # an ALLOW rule we cannot check never matches
+    sni_deny = policy("sni-deny", pb.DENY, rule(when=sni, paths=["/x"]))
+    assert not decide([sni_deny], request(target="/x"))  # DENY: treated as matching
+    assert decide([sni_deny], request(target="/y"))  # ... but the rest of the rule still counts
     custom = policy("ext", pb.CUSTOM, rule())
     assert not decide([custom], request())
 
@@ -333,3 +337,87 @@ def test_the_forwarded_target_is_the_checked_one() -> None:
     assert normalize_target("/plain?q=1") == "/plain?q=1"
     assert normalize_target("http://h:80/a/./b") == "http://h:80/a/b"
     assert normalize_target("*") == "*"
+
+
+# -- JWT: request principals and request.auth.* ---------------------------------------------
+
+ALICE = RequestAuth(
+    "https://issuer.example",
+    "alice",
+    {
+        "iss": "https://issuer.example",
+        "sub": "alice",
+        "aud": ["shop", "web"],
+        "azp": "frontend-app",
+        "groups": ["staff", "admin"],
+        "tier": "gold",
+        "realm_access": {"roles": ["buyer"], "level": "3"},
+        "verified": True,
+    },
+)
+BOB = RequestAuth("https://issuer.example", "bob", {"sub": "bob", "groups": "staff", "aud": "x"})
+
+
+def when(key: str, values: list[str] | None = None, not_values: list[str] | None = None) -> pb.Rule:
+    return rule(when=[pb.Condition(key=key, values=values or [], not_values=not_values or [])])
+
+
+def test_request_principals_exact_prefix_suffix_and_any() -> None:
+    def allowed(values: list[str], auth: RequestAuth | None) -> bool:
+        allow = policy("jwt", pb.ALLOW, rule(request_principals=values))
+        return decide([allow], request(auth=auth))
+
+    assert allowed(["https://issuer.example/alice"], ALICE)
+    assert not allowed(["https://issuer.example/alice"], BOB)
+    assert allowed(["https://issuer.example/*"], BOB)
+    assert allowed(["*/alice"], ALICE)
+    assert not allowed(["*/alice"], BOB)
+    assert allowed(["*"], BOB)
+    assert not allowed(["*"], None)  # no verified token: no request principal
+
+
+def test_not_request_principals_lets_requests_without_a_token_match() -> None:
+    deny_anonymous = policy(
+        "deny", pb.DENY, pb.Rule(**{"from": [pb.Source(not_request_principals=["*"])]})
+    )
+    assert not decide([deny_anonymous], request())
+    assert decide([deny_anonymous], request(auth=BOB))
+
+
+def test_claims_conditions_with_lists_nested_claims_and_not_values() -> None:
+    def allowed(r: pb.Rule, auth: RequestAuth | None) -> bool:
+        return decide([policy("claims", pb.ALLOW, r)], request(auth=auth))
+
+    admins = when("request.auth.claims[groups]", ["admin"])
+    assert allowed(admins, ALICE)  # a list claim: one element is enough
+    assert not allowed(admins, BOB)  # "staff" only (a string claim)
+    assert not allowed(admins, None)
+    assert allowed(when("request.auth.claims[groups]", ["sta*"]), BOB)
+    assert allowed(when("request.auth.claims[realm_access][roles]", ["buyer"]), ALICE)
+    assert allowed(when("request.auth.claims[realm_access][level]", ["3"]), ALICE)
+    assert not allowed(when("request.auth.claims[realm_access][roles]", ["seller"]), ALICE)
+    assert not allowed(when("request.auth.claims[tier][gold]", ["gold"]), ALICE)  # not an object
+    assert not allowed(when("request.auth.claims[missing]", ["x"]), ALICE)
+    assert allowed(when("request.auth.claims[verified]", ["true"]), ALICE)
+    not_admin = when("request.auth.claims[groups]", not_values=["admin"])
+    assert not allowed(not_admin, ALICE)
+    assert allowed(not_admin, BOB)
+    assert allowed(not_admin, None)  # no claims at all: not "admin"
+
+
+def test_auth_principal_audiences_and_presenter_conditions() -> None:
+    def allowed(r: pb.Rule, auth: RequestAuth | None) -> bool:
+        return decide([policy("auth", pb.ALLOW, r)], request(auth=auth))
+
+    assert allowed(when("request.auth.principal", ["https://issuer.example/alice"]), ALICE)
+    assert not allowed(when("request.auth.principal", ["https://issuer.example/alice"]), BOB)
+    assert allowed(when("request.auth.audiences", ["web"]), ALICE)
+    assert not allowed(when("request.auth.audiences", ["web"]), BOB)
+    assert allowed(when("request.auth.presenter", ["frontend-*"]), ALICE)
+    assert not allowed(when("request.auth.presenter", ["frontend-*"]), BOB)
+    assert not allowed(when("request.auth.audiences", ["web"]), None)
+
+
+def test_a_malformed_claims_key_fails_closed() -> None:
+    allow = policy("bad", pb.ALLOW, when("request.auth.claims[groups", ["admin"]))
+    assert not decide([allow], request(auth=ALICE))

@@ -435,6 +435,34 @@ def test_rate_limit_policies_reach_waypoints_with_the_routes() -> None:
     assert gone.removed == {"shop/RateLimitPolicy/limits"}
 
 
+def test_target_ref_request_authentications_reach_waypoints_selector_ones_do_not() -> None:
+    t = MeshTranslator(MeshSettings())
+    rule = {"issuer": "https://issuer.example", "jwksUri": "file:///etc/meshway/jwks.json"}
+    on_service = obj(
+        "RequestAuthentication",
+        "jwt",
+        spec={"targetRefs": [{"kind": "Service", "name": "backend"}], "jwtRules": [rule]},
+    )
+    on_pods = obj(
+        "RequestAuthentication",
+        "pods",
+        spec={"selector": {"matchLabels": {"app": "backend"}}, "jwtRules": [rule]},
+    )
+    routes = by_type(t.full([*mesh(), on_service, on_pods], "1"))[ROUTE_TYPE]
+    assert set(routes.updated) == {"shop/RequestAuthentication/jwt"}
+    msg = decode_route(routes, "shop/RequestAuthentication/jwt")
+    check_route("shop/RequestAuthentication/jwt", msg)
+    assert json.loads(msg.resource_json)["spec"]["jwtRules"][0]["jwksUri"] == rule["jwksUri"]
+    # From targetRefs to a selector: the waypoints lose it.
+    moved = obj(
+        "RequestAuthentication",
+        "jwt",
+        spec={"selector": {"matchLabels": {"app": "backend"}}, "jwtRules": [rule]},
+    )
+    (change,) = t.apply([event(EventType.MODIFIED, moved, 2)], "2")
+    assert (change.type_url, change.removed) == (ROUTE_TYPE, {"shop/RequestAuthentication/jwt"})
+
+
 @pytest.mark.parametrize(
     ("name", "mutate", "error"),
     [

@@ -1131,8 +1131,22 @@ class JwtRule(MeshModel):
             problems.append(("issuer", "set issuer or jwksUri"))
         if self.jwks_uri:
             url = urlparse(self.jwks_uri)
-            if url.scheme not in ("http", "https") or not url.netloc:
-                problems.append(("jwksUri", f"invalid URL {self.jwks_uri!r}: use http(s)://host/"))
+            if url.scheme == "file":
+                # A Meshway extension: a JWK set in a file on the waypoint's host.
+                if url.netloc or not url.path.startswith("/"):
+                    problems.append(
+                        (
+                            "jwksUri",
+                            f"invalid file URL {self.jwks_uri!r}: use file:///absolute/path",
+                        )
+                    )
+            elif url.scheme not in ("http", "https") or not url.netloc:
+                problems.append(
+                    (
+                        "jwksUri",
+                        f"invalid URL {self.jwks_uri!r}: use http(s)://host/ or file:///path",
+                    )
+                )
         if self.jwks is not None:
             try:
                 keys = json.loads(self.jwks)

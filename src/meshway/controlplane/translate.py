@@ -36,6 +36,7 @@ from meshway.config.model import (
     ObjectKey,
     PeerAuthentication,
     RateLimitPolicy,
+    RequestAuthentication,
     Resource,
     Service,
     VirtualService,
@@ -56,7 +57,13 @@ from meshway.xds.types import (
 HBONE_PORT = 15008
 # The kinds that reach waypoints as Route resources (`WAYPOINT_CONFIG_KINDS`).
 WaypointConfig = (
-    HTTPRoute | GRPCRoute | DestinationRule | VirtualService | FaultInjection | RateLimitPolicy
+    HTTPRoute
+    | GRPCRoute
+    | DestinationRule
+    | VirtualService
+    | FaultInjection
+    | RateLimitPolicy
+    | RequestAuthentication
 )
 
 _ACTIONS = {
@@ -258,6 +265,10 @@ class MeshTranslator:
         if type_url == ROUTE_TYPE:
             kind, _, route_name = rest.partition("/")
             route = bucket.route(kind, route_name)
+            if isinstance(route, RequestAuthentication) and not (
+                route.spec.target_refs or route.spec.target_ref
+            ):
+                return None  # a selector RequestAuthentication is not for waypoints
             return self._route(route) if route is not None else None
         if type_url == AUTHORIZATION_TYPE:
             policy = bucket.policies.get(rest)

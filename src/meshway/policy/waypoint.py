@@ -27,11 +27,13 @@ Semantics follow Istio's (istio.io "Authorization Policy" reference):
 - The identity attributes (principals, namespaces, serviceAccounts, trustDomains) are those of
   the *original client*: the waypoint receives its tunnel from the client's node proxy, which
   presents the client's certificate.
-- `requestPrincipals`, `request.auth.*` and `connection.sni` cannot be evaluated yet (JWT comes
-  with RequestAuthentication): an ALLOW rule naming one never matches; in DENY and AUDIT the
-  whole `from` or `to` entry naming one counts as matching (the other `when` conditions still
-  apply), which fails closed more broadly than the node proxy's dropping of that attribute
-  alone.
+- `requestPrincipals`/`notRequestPrincipals` and the `when` keys `request.auth.principal`,
+  `request.auth.audiences`, `request.auth.presenter`, `request.auth.claims[a]` and nested
+  `request.auth.claims[a][b]` read the JWT that RequestAuthentication verified (`requestauth.py`;
+  a list claim matches when one of its elements does). A request without a verified token has
+  no request principal and no claims: `requestPrincipals: ["*"]` requires one.
+- `connection.sni` cannot be evaluated: an ALLOW rule naming it never matches; in DENY and
+  AUDIT the whole `when` condition counts as matching, which fails closed.
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from meshway.api.v1 import authorization_pb2
 from meshway.identity.spiffe import SpiffeId
 from meshway.policy.authorization import DEFAULT_ROOT_NAMESPACE, Decision, Wildcards
+
+if TYPE_CHECKING:
+    from meshway.policy.requestauth import RequestAuth
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 T = TypeVar("T")
@@ -67,6 +72,8 @@ class RequestContext:
     target: str
     host: str
     raw_headers: Sequence[tuple[str, str]]
+    # The JWT RequestAuthentication verified, if any.
+    auth: RequestAuth | None = None
     _path: str | None = field(default=None, repr=False)
     _headers: dict[str, str] | None = field(default=None, repr=False)
 
@@ -234,9 +241,52 @@ def _source_checks(source: authorization_pb2.Source, namespace: str) -> list[Che
         for name in ("ip_blocks", "remote_ip_blocks"):
             if values := getattr(source, f"{p}{name}"):
                 checks.append(_ip_field(lambda ctx: ctx.source_ip, values, negate))
-        if getattr(source, f"{p}request_principals"):
-            raise _Unevaluable(f"{p}requestPrincipals")
+        if values := getattr(source, f"{p}request_principals"):
+            checks.append(_string_field(_request_principal, values, negate))
     return checks
+
+
+def _request_principal(ctx: RequestContext) -> str | None:
+    return ctx.auth.principal if ctx.auth is not None else None
+
+
+def _any_value_field(
+    get: Callable[[RequestContext], Sequence[str]], values: Sequence[str], negate: bool
+) -> Check:
+    """A multi-valued attribute (audiences, a list claim): one of its values must match."""
+    match = _matcher(values)
+    return _negatable(lambda ctx: any(match(v) for v in get(ctx)), negate)
+
+
+_CLAIM_PATH = re.compile(r"\[([^\[\]]+)\]")
+
+
+def _claim_path(key: str) -> tuple[str, ...]:
+    """`request.auth.claims[a][b]` -> ("a", "b")."""
+    rest = key[len("request.auth.claims") :]
+    names = _CLAIM_PATH.findall(rest)
+    if not names or "".join(f"[{n}]" for n in names) != rest:
+        raise _Unevaluable(f"when {key}")
+    return tuple(names)
+
+
+def _auth_condition(key: str, values: Sequence[str], negate: bool) -> Check:
+    if key == "request.auth.principal":
+        return _string_field(_request_principal, values, negate)
+    if key == "request.auth.presenter":
+        return _string_field(
+            lambda ctx: ctx.auth.presenter if ctx.auth is not None else None, values, negate
+        )
+    if key == "request.auth.audiences":
+        return _any_value_field(
+            lambda ctx: ctx.auth.audiences if ctx.auth is not None else (), values, negate
+        )
+    if key.startswith("request.auth.claims["):
+        path = _claim_path(key)
+        return _any_value_field(
+            lambda ctx: ctx.auth.claim(path) if ctx.auth is not None else (), values, negate
+        )
+    raise _Unevaluable(f"when {key}")
 
 
 def _operation_checks(operation: authorization_pb2.Operation) -> list[Check]:
@@ -279,6 +329,8 @@ def _condition_checks(condition: authorization_pb2.Condition, namespace: str) ->
             checks.append(_string_field(_identity("principal"), values, negate))
         elif key == "source.serviceAccount":
             checks.append(_service_accounts(values, namespace, negate))
+        elif key.startswith("request.auth."):
+            checks.append(_auth_condition(key, values, negate))
         else:
             raise _Unevaluable(f"when {key}")
     return checks

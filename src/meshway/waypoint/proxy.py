@@ -42,6 +42,13 @@ from meshway.hbone.server import HboneRequest
 from meshway.identity.spiffe import SpiffeId
 from meshway.node.state import ProxyState, ip_text, workload_identity
 from meshway.policy.authorization import Decision
+from meshway.policy.requestauth import (
+    Authenticator,
+    AuthnResult,
+    RequestAuth,
+    RequestAuthIndex,
+    www_authenticate,
+)
 from meshway.policy.waypoint import (
     DENIED_BODY,
     RequestContext,
@@ -206,6 +213,7 @@ class WaypointDataPath:
         self.upstream = upstream
         self.routes = RouteTable.build([])
         self.policies = WaypointPolicyIndex([], gateway, root_namespace)
+        self.authn = RequestAuthIndex([], gateway, root_namespace=root_namespace)
         self.root_namespace = root_namespace
         self.access_log_enabled = access_log_enabled
         self.access_log = AccessLog(sys.stderr)
@@ -222,15 +230,18 @@ class WaypointDataPath:
         routes: RouteTable | None = None,
         traffic: TrafficPolicies | None = None,
         ratelimits: RateLimitIndex | None = None,
+        authn: RequestAuthIndex | None = None,
     ) -> None:
-        """New mesh state: rebuild the policy index, and the routes, traffic policies and
-        rate limits when they changed."""
+        """New mesh state: rebuild the policy index, and the routes, traffic policies, rate
+        limits and RequestAuthentications when they changed."""
         if routes is not None:
             self.routes = routes
         if traffic is not None:
             self.traffic = traffic
         if ratelimits is not None:
             self.ratelimits = ratelimits
+        if authn is not None:
+            self.authn = authn
         self._endpoints = {}
         self.policies = WaypointPolicyIndex(
             self.state.policies.values(), self.gateway, self.root_namespace
@@ -365,7 +376,16 @@ class WaypointDataPath:
         dest = down.destination
         # Policy, routes and the backend all see the same, normalized path.
         request.path = normalize_target(request.path)
-        decision = self._authorize(down, request)
+        # RequestAuthentication (JWT), then authorization with its request principal.
+        auth: RequestAuth | None = None
+        authenticator = self._authenticator(dest)
+        if authenticator is not None:
+            result = await authenticator.authenticate(request, time.time())
+            if result.error is not None:
+                outcome.details = result.details
+                return _unauthenticated(request, result)
+            auth = result.auth
+        decision = self._authorize(down, request, auth)
         if not decision.allowed:
             outcome.details = f"rbac_access_denied: {decision.reason}"
             return simple_response(403, DENIED_BODY)
@@ -526,7 +546,17 @@ class WaypointDataPath:
             verdict.status, verdict.body, [("retry-after", str(verdict.retry_after))]
         )
 
-    def _authorize(self, down: Downstream, request: Request) -> Decision:
+    def _authenticator(self, dest: Destination) -> Authenticator | None:
+        if self.authn.empty:
+            return None
+        svc = dest.service
+        if svc is not None:
+            return self.authn.for_target(svc.namespace, svc.name)
+        return self.authn.for_target(dest.workload_namespace, "")
+
+    def _authorize(
+        self, down: Downstream, request: Request, auth: RequestAuth | None = None
+    ) -> Decision:
         dest = down.destination
         svc = dest.service
         if svc is not None:
@@ -544,6 +574,7 @@ class WaypointDataPath:
             request.path,
             request.authority,
             request.headers,
+            auth,
         )
         return policy_set.evaluate(ctx)
 
@@ -907,6 +938,12 @@ class WaypointDataPath:
 # HTTP status to gRPC status, as gRPC's "HTTP to gRPC status code mapping" has it, plus what
 # Envoy answers for its own 403 and 504.
 _GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+def _unauthenticated(request: Request, result: AuthnResult) -> Response:
+    """Envoy's jwt_authn answer: its text, and where to authenticate."""
+    challenge = www_authenticate(request)
+    return simple_response(result.status, result.error or "", [("www-authenticate", challenge)])
 
 
 def grpc_error(code: int, message: str) -> Response:

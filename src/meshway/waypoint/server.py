@@ -31,7 +31,9 @@ from meshway.node.certificates import CertificateManager
 from meshway.node.inpod import PodNetns, listen_in
 from meshway.node.main import run_until_signalled
 from meshway.node.state import ProxyState, workload_identity
+from meshway.policy.requestauth import RequestAuthIndex
 from meshway.telemetry.metrics import WaypointMetrics
+from meshway.waypoint.jwks import JwksCache, JwksFetcher, mesh_resolver
 from meshway.waypoint.messages import ByteStream, TcpStream
 from meshway.waypoint.proxy import WaypointDataPath
 from meshway.waypoint.ratelimit import RateLimiter, RateLimitIndex
@@ -85,6 +87,12 @@ class Waypoint:
         self.identity = SpiffeId(DEFAULT_TRUST_DOMAIN, config.namespace, config.name)
         self.hbone_pool = HboneConnectionPool()
         self.upstream = UpstreamPool(self._open)
+        # JWK sets of RequestAuthentications' jwksUri, fetched from the waypoint's pod netns.
+        self.jwks = JwksCache(
+            JwksFetcher(
+                mesh_resolver(lambda: self.state.services, config.cluster_domain), self._connect
+            )
+        )
         service = f"{config.namespace}/{config.name}.{config.namespace}.svc.{config.cluster_domain}"
         self.datapath = WaypointDataPath(
             (config.namespace, config.name),
@@ -119,6 +127,7 @@ class Waypoint:
             "certificates": self.certs.dump(),
             "routes": sorted(self.routes),
             "policies": sorted(self.state.policies),
+            "jwks": self.jwks.dump(),
             "services": sorted(self.state.services),
             "connections": {
                 "downstream": self.server.active_connections if self.server else 0,
@@ -151,8 +160,9 @@ class Waypoint:
     def _compile(self) -> dict[str, Any]:
         """What the data path is built from, out of the Route resources: the route table
         (HTTPRoutes, GRPCRoutes, and the FaultInjections and VirtualServices it compiles in),
-        the traffic policies (DestinationRules: requests in flight keep being counted) and the
-        rate limits (unchanged limits keep their buckets); keyword arguments of `update`."""
+        the traffic policies (DestinationRules: requests in flight keep being counted), the
+        rate limits (unchanged limits keep their buckets) and the RequestAuthentications (JWK
+        sets still named are kept); keyword arguments of `update`."""
         by_kind: dict[str, list[Any]] = {}
         for r in self.routes.values():
             by_kind.setdefault(r.KIND, []).append(r)
@@ -164,6 +174,14 @@ class Waypoint:
                 "Global rate limits apply but no store is configured (--ratelimit-store or "
                 "MESHWAY_RATELIMIT_STORE): they take their policies' failureMode"
             )
+        self.jwks.begin()
+        authn = RequestAuthIndex(
+            by_kind.get("RequestAuthentication", []),
+            (self.config.namespace, self.config.name),
+            self.jwks,
+            self.config.root_namespace,
+        )
+        self.jwks.end()
         return {
             "routes": RouteTable.build(
                 [*by_kind.get("HTTPRoute", []), *by_kind.get("GRPCRoute", [])],
@@ -178,6 +196,7 @@ class Waypoint:
                 active=self.datapath.traffic.active,
             ),
             "ratelimits": ratelimits,
+            "authn": authn,
         }
 
     def _creds(self) -> WorkloadCredentials:
@@ -244,6 +263,7 @@ class Waypoint:
             with contextlib.suppress(Exception):
                 await self.server.wait_closed()
         self.datapath.access_log.flush()
+        self.jwks.close()
         await self.upstream.close()
         if self.ratelimit_store is not None:
             await self.ratelimit_store.close()

@@ -16,13 +16,15 @@ WAYPOINT_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE)
 # Everything the control plane serves.
 ALL_TYPE_URLS = WAYPOINT_TYPE_URLS
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
-# What the Route type carries to waypoints: routes, traffic policies, faults and rate limits.
+# What the Route type carries to waypoints: routes, traffic policies, faults, rate limits,
+# and the RequestAuthentications attached with targetRefs.
 WAYPOINT_CONFIG_KINDS = (
     *ROUTE_KINDS,
     "DestinationRule",
     "VirtualService",
     "FaultInjection",
     "RateLimitPolicy",
+    "RequestAuthentication",
 )
 
 
