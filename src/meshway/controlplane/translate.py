@@ -27,10 +27,7 @@ from meshway.config.labels import (
 )
 from meshway.config.model import (
     AuthorizationPolicy,
-    DestinationRule,
     Gateway,
-    GRPCRoute,
-    HTTPRoute,
     Namespace,
     ObjectKey,
     PeerAuthentication,
@@ -116,7 +113,7 @@ class _Namespaced:
     def peer_authentications(self) -> dict[str, PeerAuthentication]:
         return self.tables["PeerAuthentication"]
 
-    def route(self, kind: str, name: str) -> HTTPRoute | GRPCRoute | DestinationRule | None:
+    def route(self, kind: str, name: str) -> Resource | None:
         table = self.tables.get(kind)
         return table.get(name) if table is not None else None
 
@@ -203,7 +200,7 @@ class MeshTranslator:
             )
             for namespace in list(self._ns) if mesh_wide else [ns]:
                 self._mark_namespace(namespace, dirty)
-        elif isinstance(obj, (HTTPRoute, GRPCRoute, DestinationRule)):
+        elif obj.KIND in WAYPOINT_CONFIG_KINDS:
             dirty[ROUTE_TYPE].add(route_resource_name(ns, obj.KIND, obj.metadata.name))
         elif isinstance(obj, (Namespace, Gateway)):
             self._mark_namespace(obj.metadata.name if isinstance(obj, Namespace) else ns, dirty)
@@ -422,7 +419,7 @@ class MeshTranslator:
         return out
 
     @staticmethod
-    def _route(route: HTTPRoute | GRPCRoute | DestinationRule) -> route_pb2.Route:
+    def _route(route: Resource) -> route_pb2.Route:
         """The route as canonical JSON (sorted keys), so that equal routes are equal bytes.
 
         The status and the resource version are left out: the waypoint reads neither, and a

@@ -30,7 +30,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
@@ -70,6 +70,9 @@ from meshway.waypoint.traffic import (
     TrafficPolicies,
 )
 from meshway.waypoint.upstream import Endpoint, UpstreamPool
+
+if TYPE_CHECKING:
+    from meshway.waypoint.tracing import RequestSpan, WaypointTracer
 
 log = logging.getLogger(__name__)
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -177,6 +180,8 @@ class Outcome:
     details: str = ""
     # The request whose response is still being relayed (in flight to its endpoint).
     in_flight: InFlight | None = None
+    # The request's span, when it is sampled (`tracing.py`).
+    span: RequestSpan | None = None
 
 
 class WaypointDataPath:
@@ -208,6 +213,8 @@ class WaypointDataPath:
         self._endpoints: dict[tuple[str, int, str | None], list[Endpoint]] = {}
         self._rand = random.random
         self._mirroring: set[asyncio.Future[None]] = set()
+        # Request tracing (Telemetry), None when nothing is traced.
+        self.tracer: WaypointTracer | None = None
 
     def update(
         self, routes: RouteTable | None = None, traffic: TrafficPolicies | None = None
@@ -329,6 +336,8 @@ class WaypointDataPath:
         started = time.monotonic()
         outcome = Outcome()
         try:
+            if self.tracer is not None:
+                outcome.span = self.tracer.start(down, request)
             response = await self._serve(down, request, outcome)
         except Exception as exc:
             log.exception("waypoint request failed")
@@ -732,6 +741,10 @@ class WaypointDataPath:
                 request.body.consumed,
                 response_bytes,
             )
+            if outcome.span is not None:
+                outcome.span.end(
+                    down, request, response.status, outcome, request.body.consumed, response_bytes
+                )
 
         if response.upgraded is not None:
             done(0, True)
