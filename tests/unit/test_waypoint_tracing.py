@@ -577,3 +577,15 @@ def _endpoint() -> Any:
     from meshway.waypoint.tracing import OtlpEndpoint
 
     return OtlpEndpoint("http://127.0.0.1:9/v1/traces")
+
+
+def test_a_waypoint_that_traces_nothing_does_not_load_opentelemetry() -> None:
+    """The SDK and the exporter cost RSS (a tracked target): loaded only once configured."""
+    import subprocess
+
+    code = (
+        "import sys, meshway.waypoint.server, meshway.waypoint.proxy;"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -614,6 +614,7 @@ class TracingProviders:
         self._attributes = resource_attributes
         self._thread_init = thread_init
         self._providers: dict[OtlpEndpoint, Any] = {}
+        self._warned: set[tuple[str, str]] = set()
         self.unavailable: str | None = None
 
     def tracers(self, endpoints: Mapping[str, OtlpEndpoint]) -> dict[str, Any]:
@@ -646,6 +647,13 @@ class TracingProviders:
                 log.info("tracing provider %s exports to %s", name, endpoint.url)
             tracers[name] = provider.get_tracer("meshway.waypoint")
         return tracers
+
+    def warn_unresolved(self, name: str, service: str) -> None:
+        """Say once (per provider and service) that a provider's Service is not known yet:
+        configuration often arrives before the Service it names."""
+        if (name, service) not in self._warned:
+            self._warned.add((name, service))
+            log.warning("tracing provider %s: service %s not found; no export", name, service)
 
     def close(self) -> None:
         providers = list(self._providers.values())
@@ -694,11 +702,7 @@ def build_tracer(
             continue
         endpoint = provider_endpoint(provider, resolve)
         if endpoint is None:
-            log.warning(
-                "tracing provider %s: service %s not found; its spans are not exported",
-                provider.name,
-                provider.opentelemetry.service,
-            )
+            providers.warn_unresolved(provider.name, provider.opentelemetry.service)
             continue
         endpoints[provider.name] = endpoint
     tracers = providers.tracers(endpoints)
