@@ -589,3 +589,41 @@ def test_a_waypoint_that_traces_nothing_does_not_load_opentelemetry() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_telemetry_and_mesh_config_reach_waypoints_as_route_resources() -> None:
+    import json
+
+    from meshway.controlplane.translate import MeshSettings, MeshTranslator
+    from meshway.xds.types import ROUTE_TYPE, check_route
+
+    translator = MeshTranslator(MeshSettings())
+    objects = [
+        mesh_config(),
+        telemetry("mesh", "istio-system", tracing=[{"providers": [{"name": "otel"}]}]),
+    ]
+    (change,) = translator.full(objects, "1")
+    assert change.type_url == ROUTE_TYPE
+    assert set(change.updated) == {"/MeshConfig/mesh", "istio-system/Telemetry/mesh"}
+    from meshway.api.v1 import route_pb2
+
+    for name, resource in change.updated.items():
+        message = route_pb2.Route()
+        resource.proto.resource.Unpack(message)
+        check_route(name, message)  # what the waypoint's xDS client checks before it ACKs
+        assert KINDS[message.kind].model_validate(json.loads(message.resource_json)) in objects
+    # A Telemetry the waypoint would not understand is NACKed, not half-applied.
+    bad = route_pb2.Route(
+        kind="Telemetry",
+        namespace="shop",
+        name="t",
+        resource_json=json.dumps(
+            {
+                "kind": "Telemetry",
+                "metadata": {"name": "t", "namespace": "shop"},
+                "spec": {"tracing": [{"randomSamplingPercentage": 500}]},
+            }
+        ),
+    )
+    with pytest.raises(ValueError, match="randomSamplingPercentage"):
+        check_route("shop/Telemetry/t", bad)
