@@ -570,7 +570,7 @@ def test_wrong_opentelemetry_protos_are_reported_with_the_fix(
         otlp.check_otel_protos()
     providers = TracingProviders("waypoint.shop", {})
     assert providers.tracers({"otel": _endpoint()}) == {}
-    assert providers.unavailable is not None and "make setup" in providers.unavailable
+    assert providers.unavailable is not None and "make otel-protos" in providers.unavailable
 
 
 def _endpoint() -> Any:

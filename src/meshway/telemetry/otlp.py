@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 OTLP_FIX = (
     "the opentelemetry-proto modules are not the ones the OTLP exporter needs (xds-protos "
-    "installs older copies over them); fix: `make setup`, or `.venv/bin/pip install "
-    "--force-reinstall --no-deps opentelemetry-proto=={version}`"
+    "installs older copies over them); fix: `make otel-protos` (a step of `make setup`), or "
+    "`.venv/bin/pip install --force-reinstall --no-deps opentelemetry-proto=={version}`"
 )
 
 

@@ -151,15 +151,18 @@ class Waypoint:
     def _update_tracing(self) -> None:
         """Tracing from the Telemetry and MeshConfig resources; again after every update,
         since a provider's Service (and so its address) arrives as state too."""
-        self.datapath.tracer = build_tracer(
-            [r for r in self.routes.values() if r.KIND in TRACING_CONFIG_KINDS],
-            (self.config.namespace, self.config.name),
-            self.config.root_namespace,
-            lambda host: service_vip(self.state.services.values(), host),
-            self.tracing,
-            node_id=f"waypoint~{self.config.namespace}/{self.config.name}",
-            mesh_id=self.identity.trust_domain,
-        )
+        try:
+            self.datapath.tracer = build_tracer(
+                [r for r in self.routes.values() if r.KIND in TRACING_CONFIG_KINDS],
+                (self.config.namespace, self.config.name),
+                self.config.root_namespace,
+                lambda host: service_vip(self.state.services.values(), host),
+                self.tracing,
+                node_id=f"waypoint~{self.config.namespace}/{self.config.name}",
+                mesh_id=self.identity.trust_domain,
+            )
+        except Exception:  # telemetry must not stop the xDS stream or the data path
+            log.exception("tracing configuration not applied")
 
     def _compile(self) -> tuple[RouteTable, TrafficPolicies]:
         """The route table and the traffic policies from the Route resources (HTTPRoutes,
