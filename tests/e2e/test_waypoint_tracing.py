@@ -18,6 +18,7 @@ from .meshcluster import Cluster, running_cluster
 from .waypointkit import (
     APP,
     PY,
+    apply_temporarily,
     curl,
     http_service,
     logged,
@@ -223,3 +224,53 @@ def test_requests_without_context_start_traces_at_the_waypoint(mesh: Cluster) ->
     assert version == "00" and flags == "01"  # 100 % sampling
     span = span_of(mesh, trace)
     assert span["span_id"] == span_id and span["parent_span_id"] == ""
+
+
+def service_telemetry(spec: str) -> str:
+    return (
+        textwrap.dedent("""\
+        apiVersion: telemetry.istio.io/v1
+        kind: Telemetry
+        metadata: {name: web, namespace: shop}
+        spec:
+          targetRefs: [{group: "", kind: Service, name: web}]
+        """)
+        + textwrap.indent(textwrap.dedent(spec), "  ")
+        + "---\n"
+    )
+
+
+def test_a_service_telemetry_overrides_the_mesh_one_live(mesh: Cluster) -> None:
+    """targetRefs to the Service: spans stop (propagation goes on), then come back when the
+    Telemetry is deleted, without restarting anything."""
+    quiet = service_telemetry("tracing: [{disableSpanReporting: true}]\n")
+    with apply_temporarily(mesh, quiet):
+        trace, parent = new_ids()
+        upstream = echoed(curl(mesh, f"{WEB}/off", "-H", f"traceparent: 00-{trace}-{parent}-01"))
+        _, same_trace, own_span, flags = upstream["traceparent"].split("-")
+        # Still sampled and still the waypoint's own span id for the backend, but no export.
+        assert same_trace == trace and own_span != parent and flags == "01"
+    after, parent = new_ids()
+    echoed(curl(mesh, f"{WEB}/on", "-H", f"traceparent: 00-{after}-{parent}-01"))
+    span_of(mesh, after)  # back after the deletion; the earlier span would be in by now
+    assert not [s for s in spans(mesh) if s["trace_id"] == trace]
+
+
+def test_random_sampling_percentage_of_real_traffic(mesh: Cluster) -> None:
+    """randomSamplingPercentage 25 on requests without a context: about 50 of 200 traced."""
+    with apply_temporarily(mesh, service_telemetry("tracing: [{randomSamplingPercentage: 25}]\n")):
+        before = {s["trace_id"] for s in spans(mesh)}
+        out = mesh.exec("shop/client-0", PY, APP, "hits", f"{WEB}/sampled", "200", "4")
+        assert [r["code"] for r in json.loads(out)] == [200] * 200
+        marker, parent = new_ids()  # sent last, sampled by its parent: the batch has arrived
+        echoed(curl(mesh, f"{WEB}/marker", "-H", f"traceparent: 00-{marker}-{parent}-01"))
+        span_of(mesh, marker)
+    new = [
+        s
+        for s in spans(mesh)
+        if s["trace_id"] not in before and s["attributes"].get("http.url", "").endswith("/sampled")
+    ]
+    print(f"randomSamplingPercentage 25: {len(new)} of 200 requests traced")
+    # Binomial(200, 0.25): mean 50, standard deviation 6.1; 4 sigma either way.
+    assert 25 <= len(new) <= 75, len(new)
+    assert all(s["parent_span_id"] == "" for s in new)

@@ -614,7 +614,7 @@ class TracingProviders:
         self._attributes = resource_attributes
         self._thread_init = thread_init
         self._providers: dict[OtlpEndpoint, Any] = {}
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[str] = set()
         self.unavailable: str | None = None
 
     def tracers(self, endpoints: Mapping[str, OtlpEndpoint]) -> dict[str, Any]:
@@ -623,8 +623,8 @@ class TracingProviders:
         from meshway.telemetry.otlp import TracingUnavailable, otlp_tracer_provider
 
         wanted = set(endpoints.values())
-        for endpoint in [e for e in self._providers if e not in wanted]:
-            self._shutdown([self._providers.pop(endpoint)])
+        gone = [self._providers.pop(e) for e in list(self._providers) if e not in wanted]
+        self._shutdown(gone, wait=False)  # on the event loop: flushed in the background
         tracers: dict[str, Any] = {}
         for name, endpoint in endpoints.items():
             provider = self._providers.get(endpoint)
@@ -648,19 +648,20 @@ class TracingProviders:
             tracers[name] = provider.get_tracer("meshway.waypoint")
         return tracers
 
-    def warn_unresolved(self, name: str, service: str) -> None:
-        """Say once (per provider and service) that a provider's Service is not known yet:
-        configuration often arrives before the Service it names."""
-        if (name, service) not in self._warned:
-            self._warned.add((name, service))
-            log.warning("tracing provider %s: service %s not found; no export", name, service)
+    def warn_once(self, message: str) -> None:
+        """Log a configuration problem once: configuration often arrives before the Service
+        it names, and every xDS update rebuilds the tracer."""
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     def close(self) -> None:
+        """Flush and stop every provider, waiting up to 5 s (call it off the event loop)."""
         providers = list(self._providers.values())
         self._providers.clear()
-        self._shutdown(providers)
+        self._shutdown(providers, wait=True)
 
-    def _shutdown(self, providers: list[Any]) -> None:
+    def _shutdown(self, providers: list[Any], *, wait: bool) -> None:
         """Flush and stop providers from a thread of their own: their last export must not
         run on (or move into the pod's namespace) the event loop's thread."""
         if not providers:
@@ -675,7 +676,8 @@ class TracingProviders:
 
         thread = threading.Thread(target=stop, name="tracing-shutdown", daemon=True)
         thread.start()
-        thread.join(timeout=5.0)
+        if wait:
+            thread.join(timeout=5.0)
 
 
 def build_tracer(
@@ -697,12 +699,18 @@ def build_tracer(
     endpoints: dict[str, OtlpEndpoint] = {}
     assert config.mesh is not None
     used = config.provider_names()
+    defined = {p.name for p in config.mesh.spec.extension_providers}
+    for name in sorted(used - defined):
+        providers.warn_once(f"tracing provider {name} is not an extensionProvider of MeshConfig")
     for provider in config.mesh.spec.extension_providers:
         if provider.name not in used:
             continue
         endpoint = provider_endpoint(provider, resolve)
         if endpoint is None:
-            providers.warn_unresolved(provider.name, provider.opentelemetry.service)
+            providers.warn_once(
+                f"tracing provider {provider.name}: service {provider.opentelemetry.service} "
+                "not found; its spans are not exported"
+            )
             continue
         endpoints[provider.name] = endpoint
     tracers = providers.tracers(endpoints)
