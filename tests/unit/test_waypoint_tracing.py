@@ -39,6 +39,7 @@ from meshway.waypoint.tracing import (
     parse_b3_multi,
     parse_b3_single,
     parse_traceparent,
+    parse_tracestate,
     provider_endpoint,
     service_vip,
 )
@@ -117,6 +118,23 @@ def test_extract_prefers_a_valid_traceparent_and_falls_back_to_b3() -> None:
     assert fallback is not None and fallback.trace_id == int("a" * 32, 16)
     assert extract([("traceparent", "bogus")]) is None
     assert extract([("host", "x")]) is None
+
+
+def test_tracestate_members_and_invalid_headers() -> None:
+    assert parse_tracestate("rojo=00f067aa0ba902b7, congo=t61rcWkgMzE,,") == [
+        ("rojo", "00f067aa0ba902b7"),
+        ("congo", "t61rcWkgMzE"),
+    ]
+    assert parse_tracestate("tenant@vendor=x") == [("tenant@vendor", "x")]
+    for bad in (
+        "garbage",
+        "Upper=1",
+        "a=1,a=2",
+        "a=",
+        "a=b=c",
+        ",".join(f"k{i}=v" for i in range(33)),
+    ):
+        assert parse_tracestate(bad) is None, bad
 
 
 # -- injection --------------------------------------------------------------------------------
@@ -405,6 +423,27 @@ async def test_sampled_parent_gives_a_child_server_span_and_the_upstream_its_id(
     assert attrs["guid:x-request-id"] == upstream["x-request-id"]
     assert upstream["traceparent"] == f"00-{TRACE}-{ctx.span_id:016x}-01"
     assert upstream["tracestate"] == "v=1" and upstream["baggage"] == "k=v"
+    assert dict(ctx.trace_state) == {"v": "1"}  # the span continues the client's tracestate
+
+
+async def test_garbage_context_headers_are_ignored_quietly(
+    spans: tuple[InMemorySpanExporter, TracerProvider], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter, provider = spans
+    dp, sent = traced_datapath(provider, percentage=100)
+    garbage = [
+        ("traceparent", "00-zz"),
+        ("tracestate", "\x00junk,,=="),
+        ("b3", "-"),
+        ("x-b3-spanid", "q"),
+    ]
+    response = await call(dp, garbage)
+    assert response.status == 200
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is None and not span.context.trace_state  # a new trace
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    upstream = dict(sent[0].headers)
+    assert upstream["traceparent"].split("-")[2] == f"{span.context.span_id:016x}"
 
 
 async def test_unsampled_parent_gives_no_span_and_keeps_the_headers(
@@ -475,6 +514,23 @@ async def test_errors_mark_the_span(spans: tuple[InMemorySpanExporter, TracerPro
     (span,) = exporter.get_finished_spans()
     assert span.attributes is not None and span.attributes["http.status_code"] == "503"
     assert span.attributes["error"] == "true" and not span.status.is_ok
+
+
+async def test_grpc_status_from_trailers(
+    spans: tuple[InMemorySpanExporter, TracerProvider],
+) -> None:
+    exporter, provider = spans
+    dp, _ = traced_datapath(provider)
+
+    async def grpc(endpoint: Any, req: Request, http2: bool) -> Response:
+        return Response(
+            200, [("content-type", "application/grpc")], Body.of(b"", [("grpc-status", "5")])
+        )
+
+    dp.upstream.request = grpc  # type: ignore[method-assign]
+    await call(dp, [("traceparent", TP), ("content-type", "application/grpc")])
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes is not None and span.attributes["grpc.status_code"] == "5"
 
 
 # -- export over OTLP/HTTP ------------------------------------------------------------------------

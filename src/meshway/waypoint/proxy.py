@@ -743,7 +743,7 @@ class WaypointDataPath:
             )
             if outcome.span is not None:
                 outcome.span.end(
-                    down, request, response.status, outcome, request.body.consumed, response_bytes
+                    down, request, response, outcome, request.body.consumed, response_bytes
                 )
 
         if response.upgraded is not None:

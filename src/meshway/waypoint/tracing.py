@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from meshway.config.model import (
     duration_seconds,
 )
 from meshway.node.state import ip_text
-from meshway.waypoint.messages import Headers, Request
+from meshway.waypoint.messages import Headers, Request, Response, header_value
 
 if TYPE_CHECKING:
     from meshway.waypoint.proxy import Destination, Downstream, Outcome
@@ -184,6 +185,30 @@ def extract(headers: Headers) -> Incoming | None:
             trace_hex = b3_in.b3_trace_hex if b3_in is not None else ""
             return Incoming(w3c[0], w3c[1], w3c[2], form, trace_hex)
     return b3_in
+
+
+_TRACESTATE_KEY = re.compile(
+    r"[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
+)
+_TRACESTATE_VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+
+
+def parse_tracestate(value: str) -> list[tuple[str, str]] | None:
+    """The members of a W3C `tracestate`, or None when any is invalid, a key repeats or there
+    are more than 32 (W3C Trace Context §3.3: such a header is discarded, not repaired). The
+    header itself is forwarded unchanged either way."""
+    members: list[tuple[str, str]] = []
+    for raw in value.split(","):
+        member = raw.strip(" \t")
+        if not member:
+            continue
+        key, eq, val = member.partition("=")
+        if not eq or not _TRACESTATE_KEY.fullmatch(key) or not _TRACESTATE_VALUE.fullmatch(val):
+            return None
+        members.append((key, val))
+    if len(members) > 32 or len({k for k, _ in members}) != len(members):
+        return None
+    return members
 
 
 def traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
@@ -460,11 +485,12 @@ class RequestSpan:
         self,
         down: Downstream,
         request: Request,
-        status: int,
+        response: Response,
         outcome: Outcome,
         request_bytes: int,
         response_bytes: int,
     ) -> None:
+        status = response.status
         endpoint = outcome.endpoint
         dest = down.destination
         attributes: dict[str, str] = {
@@ -479,6 +505,12 @@ class RequestSpan:
         if endpoint is not None:
             attributes["upstream_address"] = f"{endpoint.ip}:{endpoint.port}"
             attributes["destination_principal"] = endpoint.principal
+        if (request.header("content-type") or "").startswith("application/grpc"):
+            grpc_status = response.header("grpc-status") or header_value(
+                response.body.trailers or (), "grpc-status"
+            )
+            if grpc_status is not None:
+                attributes["grpc.status_code"] = grpc_status
         for name, kind, value, default in self._tags:
             if kind == "header":
                 found = request.header(value)
@@ -556,12 +588,13 @@ class WaypointTracer:
         if has_parent:
             assert incoming is not None
             state = request.header("tracestate")
+            members = parse_tracestate(state) if state else None
             parent = otel.SpanContext(
                 incoming.trace_id,
                 incoming.span_id,
                 is_remote=True,
                 trace_flags=otel.sampled,
-                trace_state=otel.TraceState.from_header([state]) if state else None,
+                trace_state=otel.TraceState(members) if state and members else None,
             )
             context = otel.set_span_in_context(otel.NonRecordingSpan(parent))
         service = down.destination.service
