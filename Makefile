@@ -60,6 +60,7 @@ bench: setup
 	$(PY) bench/controlplane_scale.py
 	$(PY) bench/node_rss.py
 	$(PY) bench/dataplane.py
+	$(PY) bench/tracing_overhead.py
 	$(PY) bench/plots.py
 
 clean:
