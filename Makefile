@@ -57,6 +57,7 @@ demo: setup
 
 bench: setup
 	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(MAKE) --no-print-directory otel-protos
 	$(PY) bench/controlplane_scale.py
 	$(PY) bench/node_rss.py
 	$(PY) bench/dataplane.py
