@@ -244,6 +244,25 @@ def test_telemetry_layers_override_field_by_field() -> None:
     assert other is not None and other.percentage == 1.0
     quiet = config.settings("quiet", "x")
     assert quiet is not None and not quiet.report
+    # A Telemetry attached to this waypoint's Gateway sits between the namespace and the
+    # Service; one attached to another Gateway does nothing here.
+    gateway = telemetry(
+        "gw",
+        "shop",
+        targetRefs=[{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+        tracing=[{"randomSamplingPercentage": 60}],
+    )
+    other = telemetry(
+        "other-gw",
+        "shop",
+        targetRefs=[{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "east"}],
+        tracing=[{"randomSamplingPercentage": 70}],
+    )
+    config = TracingConfig.build([*objects, gateway, other], ("shop", "waypoint"), "istio-system")
+    assert config.settings("shop", "db").percentage == 60  # type: ignore[union-attr]
+    assert config.settings("shop", "web").percentage == 100  # type: ignore[union-attr]
+    east = TracingConfig.build([*objects, gateway, other], ("shop", "east"), "istio-system")
+    assert east.settings("shop", "db").percentage == 70  # type: ignore[union-attr]
 
 
 def test_no_provider_no_tracing_and_default_providers() -> None:
