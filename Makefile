@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 APT_STAMP := .stamp-apt
 
-.PHONY: all setup apt demo test lint fmt proto bench clean
+.PHONY: all setup apt demo test lint fmt proto bench clean otel-protos
 
 all: test
 
@@ -22,10 +22,19 @@ $(DEPS_STAMP): pyproject.toml | apt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(MAKE) --no-print-directory otel-protos
 	@rm -f $(VENV)/.deps-*
 	@touch $@
 
 setup: $(DEPS_STAMP)
+
+# xds-protos installs its own, older opentelemetry/proto modules over opentelemetry-proto's,
+# and the OTLP exporter then fails to import (docs/decisions/0011). Put the real ones back,
+# at the version pip resolved; runs after every (re)build of the venv, and is safe to repeat.
+otel-protos:
+	$(PY) -m pip install -q --force-reinstall --no-deps \
+	  "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	$(PY) -c 'from meshway.telemetry.otlp import check_otel_protos; check_otel_protos()'
 
 proto: setup
 	$(PY) scripts/genproto.py
@@ -48,10 +57,12 @@ demo: setup
 
 bench: setup
 	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(MAKE) --no-print-directory otel-protos
 	$(PY) bench/controlplane_scale.py
 	$(PY) bench/node_rss.py
 	$(PY) bench/dataplane.py
 	$(PY) bench/waypoint_features.py
+	$(PY) bench/tracing_overhead.py
 	$(PY) bench/plots.py
 
 clean:

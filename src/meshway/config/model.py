@@ -2362,6 +2362,190 @@ class RateLimitPolicy(Resource):
     spec: RateLimitPolicySpec
 
 
+# --------------------------------------------------------------------------- telemetry (tracing)
+# Istio's Telemetry API for tracing, and the mesh-wide settings it names its providers in
+# (Istio keeps those in meshConfig; Meshway has a cluster-scoped MeshConfig, decision 0011).
+
+
+TELEMETRY_VERSIONS = ("telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1")
+_TELEMETRY_TARGET_KINDS = ("Service", "Gateway")
+
+
+class ProviderRef(MeshModel):
+    name: str = Field(min_length=1)
+
+
+class TracingSelector(MeshModel):
+    mode: Literal["CLIENT_AND_SERVER", "CLIENT", "SERVER"] = "CLIENT_AND_SERVER"
+
+
+class CustomTagLiteral(MeshModel):
+    value: str
+
+
+class CustomTagEnvironment(MeshModel):
+    name: str = Field(min_length=1)
+    default_value: str | None = None
+
+
+class CustomTagHeader(MeshModel):
+    name: str = Field(min_length=1)
+    default_value: str | None = None
+
+
+class CustomTag(MeshModel):
+    literal: CustomTagLiteral | None = None
+    environment: CustomTagEnvironment | None = None
+    header: CustomTagHeader | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CustomTag:
+        if sum(x is not None for x in (self.literal, self.environment, self.header)) != 1:
+            raise FieldError("", "set exactly one of literal, environment, header")
+        return self
+
+
+class TelemetryTracing(MeshModel):
+    match: TracingSelector | None = None
+    providers: list[ProviderRef] = Field(default_factory=list, max_length=1)
+    random_sampling_percentage: float | None = Field(default=None, ge=0, le=100)
+    disable_span_reporting: bool | None = None
+    custom_tags: dict[str, CustomTag] = Field(default_factory=dict)
+
+
+class TelemetrySpec(MeshModel):
+    selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: list[PolicyTargetReference] = Field(default_factory=list)
+    tracing: list[TelemetryTracing] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> TelemetrySpec:
+        problems = _check_selection(self.selector, self.target_ref, self.target_refs)
+        refs = [("targetRef", self.target_ref)] if self.target_ref is not None else []
+        refs += [(f"targetRefs[{i}]", ref) for i, ref in enumerate(self.target_refs)]
+        problems += [
+            (
+                f"{path}.kind",
+                f"Telemetry can target a Service or a waypoint Gateway, not {ref.kind}",
+            )
+            for path, ref in refs
+            if ref.kind not in _TELEMETRY_TARGET_KINDS
+        ]
+        _raise_problems(problems)
+        return self
+
+    @property
+    def all_target_refs(self) -> list[PolicyTargetReference]:
+        return [self.target_ref] if self.target_ref is not None else list(self.target_refs)
+
+
+class Telemetry(Resource):
+    """Istio's Telemetry: tracing for the mesh (root namespace), a namespace, or a Service
+    or waypoint Gateway (targetRefs)."""
+
+    KIND: ClassVar[str] = "Telemetry"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = TELEMETRY_VERSIONS
+
+    spec: TelemetrySpec = Field(default_factory=TelemetrySpec)
+
+
+class OtlpHeader(MeshModel):
+    name: str = Field(min_length=1)
+    value: str
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        error = _header_name_error(value)
+        if error:
+            raise ValueError(error)
+        return value
+
+
+class OtlpHttpService(MeshModel):
+    path: str = "/v1/traces"
+    timeout: IstioDuration | None = None
+    headers: list[OtlpHeader] = Field(default_factory=list)
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+
+class OpenTelemetryTracingProvider(MeshModel):
+    service: str = Field(min_length=1)
+    port: Port
+    http: OtlpHttpService | None = None
+    max_tag_length: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenTelemetryTracingProvider:
+        if self.http is None:
+            raise FieldError(
+                "http",
+                "OTLP/gRPC export is not supported (proxies load no gRPC stack): set "
+                "http: {path: /v1/traces} and the collector's OTLP/HTTP port (4318)",
+            )
+        return self
+
+
+class MeshExtensionProvider(MeshModel):
+    name: str = Field(min_length=1)
+    opentelemetry: OpenTelemetryTracingProvider
+
+
+class DefaultProviders(MeshModel):
+    tracing: list[str] = Field(default_factory=list, max_length=1)
+
+
+class MeshConfigSpec(MeshModel):
+    extension_providers: list[MeshExtensionProvider] = Field(default_factory=list)
+    default_providers: DefaultProviders | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MeshConfigSpec:
+        problems: list[tuple[str, str]] = []
+        names: dict[str, int] = {}
+        for i, provider in enumerate(self.extension_providers):
+            if provider.name in names:
+                problems.append((f"extensionProviders[{i}].name", f"duplicate {provider.name!r}"))
+            names.setdefault(provider.name, i)
+        if self.default_providers is not None:
+            problems += [
+                (f"defaultProviders.tracing[{i}]", f"no extensionProvider named {name!r}")
+                for i, name in enumerate(self.default_providers.tracing)
+                if name not in names
+            ]
+        _raise_problems(problems)
+        return self
+
+    def provider(self, name: str) -> MeshExtensionProvider | None:
+        return next((p for p in self.extension_providers if p.name == name), None)
+
+
+MESH_CONFIG_NAME = "mesh"
+
+
+class MeshConfig(Resource):
+    """Mesh-wide settings that Istio keeps in its meshConfig; one object, named `mesh`."""
+
+    KIND: ClassVar[str] = "MeshConfig"
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("meshway.io/v1alpha1",)
+    NAMESPACED: ClassVar[bool] = False
+
+    spec: MeshConfigSpec = Field(default_factory=MeshConfigSpec)
+
+    @classmethod
+    def _name_error(cls, name: str) -> str | None:
+        if name != MESH_CONFIG_NAME:
+            return f"MeshConfig is a singleton: name it {MESH_CONFIG_NAME!r}"
+        return None
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -2383,6 +2567,8 @@ KINDS: dict[str, type[Resource]] = {
         VirtualService,
         FaultInjection,
         RateLimitPolicy,
+        Telemetry,
+        MeshConfig,
     )
 }
 
@@ -2401,6 +2587,8 @@ _SHORT_NAMES = {
     "vs": "VirtualService",
     "fi": "FaultInjection",
     "rlp": "RateLimitPolicy",
+    "telemetry": "Telemetry",
+    "mc": "MeshConfig",
 }
 
 

@@ -27,19 +27,13 @@ from meshway.config.labels import (
 )
 from meshway.config.model import (
     AuthorizationPolicy,
-    DestinationRule,
-    FaultInjection,
     Gateway,
-    GRPCRoute,
-    HTTPRoute,
     Namespace,
     ObjectKey,
     PeerAuthentication,
-    RateLimitPolicy,
     RequestAuthentication,
     Resource,
     Service,
-    VirtualService,
     Workload,
 )
 from meshway.config.selection import selects, target_port
@@ -55,16 +49,6 @@ from meshway.xds.types import (
 )
 
 HBONE_PORT = 15008
-# The kinds that reach waypoints as Route resources (`WAYPOINT_CONFIG_KINDS`).
-WaypointConfig = (
-    HTTPRoute
-    | GRPCRoute
-    | DestinationRule
-    | VirtualService
-    | FaultInjection
-    | RateLimitPolicy
-    | RequestAuthentication
-)
 
 _ACTIONS = {
     "ALLOW": authorization_pb2.ALLOW,
@@ -130,7 +114,7 @@ class _Namespaced:
     def peer_authentications(self) -> dict[str, PeerAuthentication]:
         return self.tables["PeerAuthentication"]
 
-    def route(self, kind: str, name: str) -> WaypointConfig | None:
+    def route(self, kind: str, name: str) -> Resource | None:
         table = self.tables.get(kind)
         return table.get(name) if table is not None else None
 
@@ -217,7 +201,7 @@ class MeshTranslator:
             )
             for namespace in list(self._ns) if mesh_wide else [ns]:
                 self._mark_namespace(namespace, dirty)
-        elif isinstance(obj, WaypointConfig):
+        elif obj.KIND in WAYPOINT_CONFIG_KINDS:
             dirty[ROUTE_TYPE].add(route_resource_name(ns, obj.KIND, obj.metadata.name))
         elif isinstance(obj, (Namespace, Gateway)):
             self._mark_namespace(obj.metadata.name if isinstance(obj, Namespace) else ns, dirty)
@@ -440,7 +424,7 @@ class MeshTranslator:
         return out
 
     @staticmethod
-    def _route(route: WaypointConfig) -> route_pb2.Route:
+    def _route(route: Resource) -> route_pb2.Route:
         """The route as canonical JSON (sorted keys), so that equal routes are equal bytes.
 
         The status and the resource version are left out: the waypoint reads neither, and a

@@ -107,6 +107,11 @@ class PodNetns:
             err = ctypes.get_errno()
             raise NetnsError(err, f"setns({self.path}): {os.strerror(err)}")
 
+    def enter_this_thread(self) -> None:
+        """Move the calling thread into the namespace (for a thread the process does not own
+        through this object, such as a library's worker); never call it from the loop's."""
+        self._enter()
+
     def still_current(self) -> bool:
         """False once the pod's namespace was deleted or replaced by a new one."""
         try:

@@ -43,17 +43,18 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
-
-import jwt
-from jwt.algorithms import Algorithm
 
 from meshway.api.v1 import authorization_pb2
 from meshway.config.model import JwtRule, RequestAuthentication, duration_seconds
 from meshway.policy.authorization import DEFAULT_ROOT_NAMESPACE
 from meshway.policy.waypoint import _targets
+
+if TYPE_CHECKING:
+    from jwt.algorithms import Algorithm
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,15 @@ _ALGORITHMS: dict[str, tuple[str, str | None]] = {
     "EdDSA": ("OKP", None),
     **{f"HS{n}": ("oct", None) for n in (256, 384, 512)},
 }
-_VERIFIERS: dict[str, Algorithm] = {name: jwt.get_algorithm_by_name(name) for name in _ALGORITHMS}
+
+
+@cache
+def _verifiers() -> dict[str, Algorithm]:
+    """PyJWT's algorithms, imported when the first key set is read: a waypoint without a
+    RequestAuthentication does not carry PyJWT."""
+    import jwt
+
+    return {name: jwt.get_algorithm_by_name(name) for name in _ALGORITHMS}
 
 
 class JwtError(Exception):
@@ -145,6 +154,8 @@ def parse_jwks(text: str | bytes) -> tuple[JwtKey, ...]:
         raise JwksError(JWKS_NO_KEYS)
     if not isinstance(data["keys"], list):
         raise JwksError(JWKS_BAD_KEYS)
+    import jwt
+
     keys: list[JwtKey] = []
     for entry in data["keys"]:
         if not isinstance(entry, dict):
@@ -372,12 +383,14 @@ class CompiledJwtRule:
         fitting = [k for k in keys if k.fits(alg, parsed.kid)]
         if not fitting:
             raise JwtError(KID_ALG_MISMATCH)
-        verifier = _VERIFIERS[alg]
+        from jwt import PyJWTError
+
+        verifier = _verifiers()[alg]
         for key in fitting:
             try:
                 if verifier.verify(parsed.signing_input, key.key, parsed.signature):
                     return
-            except (jwt.PyJWTError, ValueError, TypeError, AttributeError):
+            except (PyJWTError, ValueError, TypeError, AttributeError):
                 continue  # a key of the right type that cannot verify this signature
         raise JwtError(VERIFICATION_FAILS)
 

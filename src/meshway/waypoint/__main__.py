@@ -49,12 +49,10 @@ def main() -> None:
     if not slash or not namespace or not name:
         raise SystemExit(f"--gateway must be NAMESPACE/NAME, not {args.gateway!r}")
     if args.ratelimit_store:
-        from redis.asyncio import ConnectionPool
+        from meshway.waypoint.ratelimit_store import store_url_error
 
-        try:
-            ConnectionPool.from_url(args.ratelimit_store)  # reads the URL, connects nowhere
-        except ValueError as exc:
-            raise SystemExit(f"--ratelimit-store {args.ratelimit_store!r}: {exc}") from exc
+        if error := store_url_error(args.ratelimit_store):
+            raise SystemExit(f"--ratelimit-store {args.ratelimit_store!r}: {error}")
     if args.credentials is None:
         raise SystemExit("no credentials: pass --credentials or set MESHWAY_CREDENTIALS")
     try:

@@ -26,10 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import anyio
-import httpcore
-from httpcore._backends.anyio import AnyIOStream  # the stream httpcore's own backend returns
-
 from meshway.policy.requestauth import JwksError, JwtKey, parse_jwks
 
 log = logging.getLogger(__name__)
@@ -49,16 +45,6 @@ class JwksFetchError(Exception):
     pass
 
 
-_HTTP_ERRORS = (
-    httpcore.NetworkError,
-    httpcore.TimeoutException,
-    httpcore.ProtocolError,
-    httpcore.UnsupportedProtocol,
-    ssl.SSLError,
-    OSError,
-)
-
-
 async def _plain_dial(address: Address) -> socket.socket:
     sock = socket.socket(
         socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM
@@ -72,39 +58,42 @@ async def _plain_dial(address: Address) -> socket.socket:
     return sock
 
 
-class MeshNetworkBackend(httpcore.AnyIOBackend):
+def mesh_network_backend(resolve: Resolve, dial: Dial) -> Any:
     """httpcore's connections, but with our name resolution and our sockets (opened in the
-    waypoint's pod network namespace)."""
+    waypoint's pod network namespace). httpcore and anyio are imported here, on the first
+    fetch: a waypoint without a remote JWK set does not carry them (about 4 MiB)."""
+    import anyio
+    import httpcore
+    from httpcore._backends.anyio import AnyIOStream  # what httpcore's own backend returns
 
-    def __init__(self, resolve: Resolve, dial: Dial) -> None:
-        self._resolve = resolve
-        self._dial = dial
+    class MeshNetworkBackend(httpcore.AnyIOBackend):
+        async def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,
+            local_address: str | None = None,
+            socket_options: Any = None,
+        ) -> httpcore.AsyncNetworkStream:
+            try:
+                async with asyncio.timeout(timeout):
+                    address = resolve(host, port)
+                    if address is None:
+                        infos = await asyncio.get_running_loop().getaddrinfo(
+                            host, port, type=socket.SOCK_STREAM
+                        )
+                        if not infos:
+                            raise httpcore.ConnectError(f"cannot resolve {host}")
+                        address = (str(infos[0][4][0]), port)
+                    sock = await dial(address)
+            except TimeoutError as exc:
+                raise httpcore.ConnectTimeout(f"connecting to {host}:{port}") from exc
+            except OSError as exc:
+                raise httpcore.ConnectError(f"{host}:{port}: {exc}") from exc
+            stream = await anyio.abc.SocketStream.from_socket(sock)
+            return AnyIOStream(stream)
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Any = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                address = self._resolve(host, port)
-                if address is None:
-                    infos = await asyncio.get_running_loop().getaddrinfo(
-                        host, port, type=socket.SOCK_STREAM
-                    )
-                    if not infos:
-                        raise httpcore.ConnectError(f"cannot resolve {host}")
-                    address = (str(infos[0][4][0]), port)
-                sock = await self._dial(address)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"connecting to {host}:{port}") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(f"{host}:{port}: {exc}") from exc
-        stream = await anyio.abc.SocketStream.from_socket(sock)
-        return AnyIOStream(stream)
+    return MeshNetworkBackend()
 
 
 class JwksFetcher:
@@ -116,11 +105,11 @@ class JwksFetcher:
         dial: Dial | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._backend = MeshNetworkBackend(
-            resolve or (lambda host, port: None), dial or _plain_dial
-        )
-        # HTTPS issuers are checked against the host's CA bundle.
-        self._ssl = ssl_context or ssl.create_default_context()
+        self._resolve: Resolve = resolve or (lambda host, port: None)
+        self._dial: Dial = dial or _plain_dial
+        self._backend: Any = None  # on the first HTTP(S) fetch
+        # HTTPS issuers are checked against the host's CA bundle (loaded on first use).
+        self._ssl = ssl_context
 
     async def __call__(self, uri: str, timeout: float) -> bytes:
         url = urlparse(uri)
@@ -130,6 +119,20 @@ class JwksFetcher:
             except OSError as exc:
                 raise JwksFetchError(f"{uri}: {exc.strerror or exc}") from exc
             return data
+        import httpcore
+
+        if self._backend is None:
+            self._backend = mesh_network_backend(self._resolve, self._dial)
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        errors = (
+            httpcore.NetworkError,
+            httpcore.TimeoutException,
+            httpcore.ProtocolError,
+            httpcore.UnsupportedProtocol,
+            ssl.SSLError,
+            OSError,
+        )
         try:
             async with (
                 asyncio.timeout(timeout),
@@ -148,7 +151,7 @@ class JwksFetcher:
                 return bytes(body)
         except TimeoutError as exc:
             raise JwksFetchError(f"{uri}: no answer within {timeout:g} s") from exc
-        except _HTTP_ERRORS as exc:
+        except errors as exc:
             raise JwksFetchError(f"{uri}: {type(exc).__name__}: {exc}") from exc
 
 

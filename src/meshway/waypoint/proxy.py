@@ -32,7 +32,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
@@ -81,6 +81,9 @@ from meshway.waypoint.traffic import (
     TrafficPolicies,
 )
 from meshway.waypoint.upstream import DEFAULT_CONNECTION, Endpoint, UpstreamPool
+
+if TYPE_CHECKING:
+    from meshway.waypoint.tracing import RequestSpan, WaypointTracer
 
 log = logging.getLogger(__name__)
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -190,6 +193,8 @@ class Outcome:
     in_flight: InFlight | None = None
     # DI and/or FI when a fault was injected (`faults.py`), added to `flags` when reported.
     fault_flags: str = ""
+    # The request's span, when it is sampled (`tracing.py`).
+    span: RequestSpan | None = None
 
 
 class WaypointDataPath:
@@ -224,6 +229,8 @@ class WaypointDataPath:
         self._endpoints: dict[tuple[str, int, str | None], list[Endpoint]] = {}
         self._rand = random.random
         self._mirroring: set[asyncio.Future[None]] = set()
+        # Request tracing (Telemetry), None when nothing is traced.
+        self.tracer: WaypointTracer | None = None
 
     def update(
         self,
@@ -355,6 +362,8 @@ class WaypointDataPath:
         started = time.monotonic()
         outcome = Outcome()
         try:
+            if self.tracer is not None:
+                outcome.span = self.tracer.start(down, request)
             response = await self._serve(down, request, outcome)
         except Exception as exc:
             log.exception("waypoint request failed")
@@ -836,6 +845,10 @@ class WaypointDataPath:
                 request.body.consumed,
                 response_bytes,
             )
+            if outcome.span is not None:
+                outcome.span.end(
+                    down, request, response, outcome, request.body.consumed, response_bytes
+                )
 
         if response.upgraded is not None:
             done(0, True)

@@ -11,6 +11,10 @@ milliseconds), and after a failure the store is not asked again for `backoff` se
 requests meanwhile take their failure mode at once); then one request probes it while the
 others keep the failure mode, and the first success closes the circuit again. redis-py
 reconnects by itself.
+
+redis-py is imported on the first Global check, not before: importing it costs a waypoint
+about 24 MiB (it loads OpenTelemetry's metrics SDK when that is installed), and most
+waypoints never check a Global limit.
 """
 
 from __future__ import annotations
@@ -20,11 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
+from urllib.parse import urlparse
 
 from meshway.waypoint.ratelimit import StoreUnavailable
 
@@ -68,6 +68,27 @@ end
 return {1, '0'}
 """
 
+STORE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def store_url_error(url: str) -> str | None:
+    """What is wrong with a store URL (checked without importing redis-py), or None."""
+    try:
+        parsed = urlparse(url)
+        port = parsed.port
+    except ValueError as exc:
+        return str(exc)
+    if parsed.scheme not in STORE_SCHEMES:
+        return f"the scheme must be one of {', '.join(STORE_SCHEMES)}, not {parsed.scheme!r}"
+    if parsed.scheme == "unix":
+        return None if parsed.path else "a unix:// URL needs the socket's path"
+    if not parsed.hostname:
+        return "the URL needs a host, e.g. redis://127.0.0.1:6379"
+    if port == 0:
+        return "port 0 is not a port"
+    return None
+
+
 DEFAULT_TIMEOUT = 0.05
 DEFAULT_BACKOFF = 1.0
 MAX_CONNECTIONS = 32
@@ -88,16 +109,11 @@ class RedisStore:
         self.timeout = timeout
         self.backoff = backoff
         self._clock = clock
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._redis: Any = aioredis.Redis(connection_pool=pool)
-        self._script = self._redis.register_script(TAKE_SCRIPT)
+        if error := store_url_error(url):
+            raise ValueError(error)
+        self._redis: Any = None  # made on the first `take`
+        self._script: Any = None
+        self._errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
         # The circuit: closed while `_down_until` is 0; open until then; half-open (one
         # probe in flight) while `_probing`.
         self._down_until = 0.0
@@ -114,6 +130,8 @@ class RedisStore:
             if self._probing or self._clock() < self._down_until:
                 raise StoreUnavailable(f"store unavailable ({self.last_error})")
             self._probing = probe = True
+        if self._redis is None:
+            self._connect()
         keys = [key for key, _, _ in buckets]
         args: list[str] = []
         for _, rate, capacity in buckets:
@@ -121,7 +139,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(self.timeout * 2):
                 allowed, wait = await self._script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._errors as exc:
             self._failed(exc)
             raise StoreUnavailable(self.last_error) from exc
         finally:
@@ -132,6 +150,24 @@ class RedisStore:
             self._down_until = 0.0
         return 0.0 if int(allowed) == 1 else float(wait)
 
+    def _connect(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+        from redis.retry import Retry
+
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=self.timeout,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
+        self._script = self._redis.register_script(TAKE_SCRIPT)
+        self._errors = (RedisError, OSError, TimeoutError)
+
     def _failed(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if not self._down_until:
@@ -139,4 +175,5 @@ class RedisStore:
         self._down_until = self._clock() + self.backoff
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()

@@ -39,10 +39,11 @@ from meshway.waypoint.proxy import WaypointDataPath
 from meshway.waypoint.ratelimit import RateLimiter, RateLimitIndex
 from meshway.waypoint.ratelimit_store import RedisStore
 from meshway.waypoint.routing import RouteTable
+from meshway.waypoint.tracing import TracingProviders, build_tracer, service_vip
 from meshway.waypoint.traffic import TrafficPolicies
 from meshway.waypoint.upstream import Endpoint, UpstreamPool
 from meshway.xds.client import Update, XdsClient
-from meshway.xds.types import ROUTE_TYPE, waypoint_types
+from meshway.xds.types import ROUTE_TYPE, TRACING_CONFIG_KINDS, waypoint_types
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ class Waypoint:
         self.datapath.ratelimiter = RateLimiter(self.ratelimit_store)
         self.server: HboneServer | None = None
         self.netns = PodNetns(config.netns) if config.netns is not None else None
+        # Spans leave from the SDK's thread, moved into the pod's namespace like the sockets.
+        self.tracing = TracingProviders(
+            f"{config.name}.{config.namespace}",
+            {"k8s.namespace.name": config.namespace},
+            thread_init=self.netns.enter_this_thread if self.netns is not None else None,
+        )
         self.ready = asyncio.Event()
         self._routes_changed = False
         self.xds.subscribe(self._on_update)
@@ -156,6 +163,23 @@ class Waypoint:
         own = self.state.workloads.get(f"{self.config.namespace}/{self.config.name}")
         if own is not None and own.trust_domain and own.trust_domain != self.identity.trust_domain:
             self.identity = SpiffeId(own.trust_domain, self.config.namespace, self.config.name)
+        self._update_tracing()
+
+    def _update_tracing(self) -> None:
+        """Tracing from the Telemetry and MeshConfig resources; again after every update,
+        since a provider's Service (and so its address) arrives as state too."""
+        try:
+            self.datapath.tracer = build_tracer(
+                [r for r in self.routes.values() if r.KIND in TRACING_CONFIG_KINDS],
+                (self.config.namespace, self.config.name),
+                self.config.root_namespace,
+                lambda host: service_vip(self.state.services.values(), host),
+                self.tracing,
+                node_id=f"waypoint~{self.config.namespace}/{self.config.name}",
+                mesh_id=self.identity.trust_domain,
+            )
+        except Exception:  # telemetry must not stop the xDS stream or the data path
+            log.exception("tracing configuration not applied")
 
     def _compile(self) -> dict[str, Any]:
         """What the data path is built from, out of the Route resources: the route table
@@ -264,6 +288,8 @@ class Waypoint:
                 await self.server.wait_closed()
         self.datapath.access_log.flush()
         self.jwks.close()
+        self.datapath.tracer = None
+        await asyncio.to_thread(self.tracing.close)  # flushes the spans still queued
         await self.upstream.close()
         if self.ratelimit_store is not None:
             await self.ratelimit_store.close()

@@ -16,8 +16,11 @@ WAYPOINT_TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE, ROUTE_TYPE)
 # Everything the control plane serves.
 ALL_TYPE_URLS = WAYPOINT_TYPE_URLS
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+# Tracing: Telemetry objects, and the cluster-scoped MeshConfig (namespace "") that defines
+# their providers.
+TRACING_CONFIG_KINDS = ("Telemetry", "MeshConfig")
 # What the Route type carries to waypoints: routes, traffic policies, faults, rate limits,
-# and the RequestAuthentications attached with targetRefs.
+# the RequestAuthentications attached with targetRefs, and tracing.
 WAYPOINT_CONFIG_KINDS = (
     *ROUTE_KINDS,
     "DestinationRule",
@@ -25,6 +28,7 @@ WAYPOINT_CONFIG_KINDS = (
     "FaultInjection",
     "RateLimitPolicy",
     "RequestAuthentication",
+    *TRACING_CONFIG_KINDS,
 )
 
 
@@ -82,7 +86,7 @@ def check_route(name: str, msg: route_pb2.Route) -> None:
         data.get("kind") != msg.kind
         or not isinstance(metadata, dict)
         or metadata.get("name") != msg.name
-        or metadata.get("namespace") != msg.namespace
+        or metadata.get("namespace", "") != msg.namespace
     ):
         raise ValueError(f"resource_json does not describe {msg.kind} {msg.namespace}/{msg.name}")
     from meshway.config.model import KINDS
