@@ -2,15 +2,19 @@
 policy, rate limits, faults, mirroring, JWT authentication and authorization, and tracing all
 configured for its Service, against a bare waypoint, in the same run.
 
-One local cluster, two namespaces with the same shape: a client pod on node-1, nginx on
+One local cluster, three namespaces with the same shape: a client pod on node-1, nginx on
 node-2 behind a Service (`appProtocol: http`), each namespace with its own waypoint. The
-`full` namespace gets FULL_CONFIG: every feature applies to every request, none fires (limits
-far above the load, fault and mirror percentages of zero, no token so JWT validation passes
-the request through, a DENY rule on a claim nobody has, 1 % trace sampling to an OTLP sink in
-the mesh). wrk runs at 50 connections against each waypoint in turn, the order alternating
-between rounds; the figures are medians over the rounds, and the waypoints' CPU per request is
-read from /proc over each run. Target (issue 6): the full waypoint serves at most 10 % fewer
-requests/s than the bare one. Writes bench/results/waypoint_features.{json,md}.
+`full` namespace gets FULL_CONFIG: every feature applies to every request, none fires: a
+DestinationRule (least request, subset, connection-pool limits, outlier detection), an
+HTTPRoute to the subset with a RequestMirror at 0 % and a FaultInjection at 0 %, a Local
+RateLimitPolicy far above the load, a RequestAuthentication (the requests carry no token, so
+it passes them) and a DENY AuthorizationPolicy on a claim, and tracing at Istio's default 1 %
+to an OTLP sink in the mesh. The `global` namespace has the same plus a Global rate limit,
+which costs a Redis round trip per request. wrk runs at 50 connections against each waypoint
+in turn, the order rotating between rounds; the figures are medians over the rounds, and the
+waypoints' CPU per request is read from /proc over each run. Target (issue 6): the full
+waypoint serves at most 10 % fewer requests/s than the bare one. Writes
+bench/results/waypoint_features.{json,md}.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from dataplane import (
 
 from tests.e2e.meshcluster import Cluster, running_cluster
 
-SCENARIOS = ("bare", "full")
+SCENARIOS = ("bare", "full", "global")
+CONFIGURED = ("full", "global")
 TARGET_RATIO = 0.90
 SERVICE_PORT = 80
 METRICS = "http://127.0.0.1:15020/metrics"
@@ -55,9 +60,21 @@ def url(ns: str) -> str:
 
 
 def manifest(work: Path) -> str:
+    sink = work / "nginx-otlp-sink.conf"
+    sink.write_text(
+        nginx_conf(work, "sink").read_text().replace(f"listen {HTTP_PORT}", "listen 4318")
+    )
     docs = [
         "apiVersion: meshway.io/v1alpha1\nkind: Node\nmetadata: {name: node-1}",
         "apiVersion: meshway.io/v1alpha1\nkind: Node\nmetadata: {name: node-2}",
+        # An OTLP/HTTP sink for the 1 % of sampled spans: it answers every POST 200.
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: observability}",
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: default, namespace: observability}",
+        "apiVersion: meshway.io/v1alpha1\nkind: Workload\n"
+        "metadata: {name: sink, namespace: observability, labels: {app: sink}}\n"
+        f"spec:\n  nodeName: node-1\n  command: [nginx, -c, '{sink}', -g, 'daemon off;']",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: sink, namespace: observability}\n"
+        "spec:\n  selector: {app: sink}\n  ports: [{name: otlp, port: 4318, targetPort: 4318}]",
     ]
     for ns in SCENARIOS:
         conf = nginx_conf(work, ns)
@@ -84,25 +101,41 @@ def manifest(work: Path) -> str:
     return "\n---\n".join(docs) + "\n"
 
 
+def jwks() -> str:
+    """A JWK set with one EC public key (the requests carry no token: it is never used)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    key = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    return json.dumps({"keys": [{**key, "kid": "bench", "alg": "ES256"}]})
+
+
 # Everything of issue 6 that applies to the `full` namespace's Service, none of it firing.
 FULL_CONFIG = """\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {name: server, namespace: full}
+metadata: {name: server, namespace: NS}
 spec:
   host: server
   trafficPolicy:
     loadBalancer: {simple: LEAST_REQUEST}
     connectionPool:
-      tcp: {maxConnections: 10000}
-      http: {http1MaxPendingRequests: 10000, http2MaxRequests: 10000}
+      tcp: {maxConnections: 10000, connectTimeout: 5s}
+      http: {http1MaxPendingRequests: 10000, http2MaxRequests: 10000, idleTimeout: 300s}
     outlierDetection: {consecutive5xxErrors: 5, baseEjectionTime: 30s, maxEjectionPercent: 50}
   subsets:
   - {name: v1, labels: {version: v1}}
 ---
+apiVersion: meshway.io/v1alpha1
+kind: FaultInjection
+metadata: {name: chaos, namespace: NS}
+spec:
+  delay: {fixedDelay: 1s, percentage: {value: 0}}
+  abort: {httpStatus: 503, percentage: {value: 0}}
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: server, namespace: full}
+metadata: {name: server, namespace: NS}
 spec:
   parentRefs: [{group: "", kind: Service, name: server, port: 80}]
   rules:
@@ -112,13 +145,79 @@ spec:
       requestMirror:
         backendRef: {name: server, port: 80}
         percent: 0
+    - type: ExtensionRef
+      extensionRef: {group: meshway.io, kind: FaultInjection, name: chaos}
     backendRefs:
     - {group: meshway.io, kind: ServiceSubset, name: server.v1, port: 80}
+---
+apiVersion: meshway.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: server, namespace: NS}
+spec:
+  targetRefs: [{kind: Service, name: server}]
+  limits:
+  - {name: per-client, requests: 1000000, per: 1s, key: {type: SourceIdentity}}
+  - {name: per-user, requests: 1000000, per: 1s, key: {type: Header, name: x-user}}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: server, namespace: NS}
+spec:
+  targetRefs: [{kind: Service, name: server}]
+  jwtRules:
+  - issuer: https://issuer.example
+    jwks: 'JWKS'
+    outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server, namespace: NS}
+spec:
+  targetRefs: [{kind: Service, name: server}]
+  action: DENY
+  rules:
+  - when: [{key: "request.auth.claims[groups]", values: [blocked]}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: tracing, namespace: NS}
+spec:
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 1
+"""
+# The same plus a Global limit, far above the load: one Redis round trip per request.
+GLOBAL_LIMIT = """\
+---
+apiVersion: meshway.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: shared, namespace: NS}
+spec:
+  targetRefs: [{kind: Service, name: server}]
+  limits:
+  - {name: all, requests: 1000000, per: 1s, scope: Global}
+"""
+MESH_CONFIG = """\
+apiVersion: meshway.io/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  extensionProviders:
+  - name: otel
+    opentelemetry:
+      service: sink.observability.svc.cluster.local
+      port: 4318
+      http: {path: /v1/traces}
 """
 
 
+def configuration(ns: str) -> str:
+    text = FULL_CONFIG + (GLOBAL_LIMIT if ns == "global" else "")
+    return text.replace("namespace: NS", f"namespace: {ns}").replace("JWKS", jwks())
+
+
 def configured_kinds() -> list[str]:
-    lines = FULL_CONFIG.splitlines()
+    lines = (FULL_CONFIG + GLOBAL_LIMIT + MESH_CONFIG).splitlines()
     return sorted({ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("kind:")})
 
 
@@ -182,6 +281,10 @@ def one_round(cluster: Cluster, seconds: int, order: tuple[str, ...]) -> dict[st
     return results
 
 
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     keys = ("rps", "p50_ms", "p99_ms", "waypoint_cpu_s_per_1000_req", "waypoint_rss_mb")
     return {
@@ -203,14 +306,17 @@ def report(result: dict[str, Any]) -> str:
         f"## Waypoint features configured, not triggered ({result['date']}, "
         f"{result['rounds']} interleaved rounds of {result['seconds']} s, medians)",
         "",
-        "| measure | bare waypoint | configured waypoint |",
-        "|---|---|---|",
-        *[f"| {name} | {s['bare'][k]} | {s['full'][k]} |" for name, k in rows],
+        "| measure | bare waypoint | configured waypoint | configured + a Global limit |",
+        "|---|---|---|---|",
+        *[f"| {name} | {s['bare'][k]} | {s['full'][k]} | {s['global'][k]} |" for name, k in rows],
         "",
         "| ratio | value | target |",
         "|---|---|---|",
         f"| requests/s, configured / bare | {r['rps']} | >= {TARGET_RATIO} |",
         f"| waypoint CPU per request, configured / bare | {r['cpu_per_request']} | |",
+        f"| requests/s, configured + Global limit / bare | {r['global_rps']} | |",
+        f"| waypoint CPU per request, configured + Global limit / bare "
+        f"| {r['global_cpu_per_request']} | |",
         "",
         f"Configured: {', '.join(result['configured'])}.",
         "",
@@ -239,16 +345,18 @@ def main() -> int:
             os.chmod(work, 0o755)
             with running_cluster(work, manifest(work), "--timeout", "120") as cluster:
                 try:
-                    cluster.apply(FULL_CONFIG)
+                    cluster.apply(MESH_CONFIG)
+                    for ns in CONFIGURED:
+                        cluster.apply(configuration(ns))
                 except AssertionError as exc:
-                    raise BenchError(f"the control plane refuses FULL_CONFIG: {exc}") from None
+                    raise BenchError(f"the configuration is refused: {exc}") from None
                 for ns in SCENARIOS:
                     wait_through_waypoint(cluster, ns)
                 time.sleep(1.0)
                 rounds = []
                 for i in range(args.rounds):
                     print(f"round {i + 1}/{args.rounds}", flush=True)
-                    order = SCENARIOS if i % 2 == 0 else SCENARIOS[::-1]
+                    order = SCENARIOS[i % 3 :] + SCENARIOS[: i % 3]
                     rounds.append(one_round(cluster, args.seconds, order))
     except BenchError as exc:
         print(f"waypoint features benchmark failed: {exc}", file=sys.stderr)
@@ -265,12 +373,15 @@ def main() -> int:
         "raw": rounds,
         "summary": summary,
         "ratio": {
-            "rps": round(full["rps"] / bare["rps"], 3) if bare["rps"] else None,
-            "cpu_per_request": round(
-                full["waypoint_cpu_s_per_1000_req"] / bare["waypoint_cpu_s_per_1000_req"], 3
-            )
-            if bare["waypoint_cpu_s_per_1000_req"]
-            else None,
+            "rps": ratio(full["rps"], bare["rps"]),
+            "cpu_per_request": ratio(
+                full["waypoint_cpu_s_per_1000_req"], bare["waypoint_cpu_s_per_1000_req"]
+            ),
+            "global_rps": ratio(summary["global"]["rps"], bare["rps"]),
+            "global_cpu_per_request": ratio(
+                summary["global"]["waypoint_cpu_s_per_1000_req"],
+                bare["waypoint_cpu_s_per_1000_req"],
+            ),
             "target_rps": f">= {TARGET_RATIO}",
         },
     }

@@ -1,12 +1,8 @@
 """RateLimitPolicy end to end in the local runtime, with real traffic: a client pod sends
 faster than the limit for a few seconds, and what the waypoint admits is compared with
 burst + rate x duration (within 10 %), for a Local limit, per-key limits, a Global limit in the
-runtime's Redis, a limit on one route, and the failure mode when that Redis is gone.
-
-Waypoint replicas (the Gateway annotation `meshway.io/replicas`, not in this branch): set
-WAYPOINT_REPLICAS. The Global test then measures the limit shared by the replicas with the
-same expected number (it does not depend on how many waypoints share the store); the Local
-ones expect one waypoint and are skipped.
+runtime's Redis shared by two waypoint replicas, a limit on one route, and the failure mode
+when that Redis is gone.
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ from .waypointkit import (
     curl,
     http_service,
     shop_with_waypoint,
+    waypoint_log,
     workload,
 )
 
@@ -41,22 +38,25 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 
-WAYPOINT_REPLICAS = 1
 
-
-def with_replicas(manifest: str, replicas: int) -> str:
-    """The waypoint Gateway of `shop_with_waypoint` with `replicas` waypoints."""
-    if replicas == 1:
-        return manifest
-    gateway = "  name: waypoint\n  namespace: shop\n"
-    assert gateway in manifest
-    return manifest.replace(
-        gateway, f'{gateway}  annotations: {{meshway.io/replicas: "{replicas}"}}\n', 1
-    )
+def gateway(replicas: int) -> str:
+    """The waypoint Gateway of `shop_with_waypoint`, with `replicas` waypoints."""
+    return textwrap.dedent(f"""\
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: Gateway
+        metadata:
+          name: waypoint
+          namespace: shop
+          labels: {{istio.io/waypoint-for: service}}
+          annotations: {{meshway.io/replicas: "{replicas}"}}
+        spec:
+          gatewayClassName: istio-waypoint
+          listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+        """)
 
 
 MANIFEST = (
-    with_replicas(shop_with_waypoint("client", "other", "web"), WAYPOINT_REPLICAS)
+    shop_with_waypoint("client", "other", "web")
     + http_service("web", "app: web")
     + workload("client-0", "node-1", ["sleep", "infinity"])
     + workload("other-0", "node-1", ["sleep", "infinity"])
@@ -84,12 +84,10 @@ MANIFEST = (
         ---
         """)
 )
-one_waypoint = pytest.mark.skipif(
-    WAYPOINT_REPLICAS > 1, reason="Local limits are per waypoint: expected for one"
-)
 WEB = "http://web.shop.svc.cluster.local"
 SECONDS = 4.0
 PODS = ("client-0", "other-0")
+REPLICAS = ("waypoint", "waypoint-1")
 CONCURRENCY = 8
 
 
@@ -129,7 +127,6 @@ def within(admitted: int, burst: int, rate: float, seconds: float) -> tuple[bool
     return abs(admitted - expected) <= 0.10 * expected, expected
 
 
-@one_waypoint
 def test_a_local_limit_admits_burst_plus_rate_and_answers_429_with_retry_after(
     mesh: Cluster,
 ) -> None:
@@ -154,7 +151,6 @@ def test_a_local_limit_admits_burst_plus_rate_and_answers_429_with_retry_after(
     assert "shop/local/all" in entries[0]["details"]
 
 
-@one_waypoint
 def test_per_header_keys_have_their_own_buckets(mesh: Cluster) -> None:
     policy = rate_limit_policy(
         "per-user",
@@ -171,7 +167,6 @@ def test_per_header_keys_have_their_own_buckets(mesh: Cluster) -> None:
         assert ok, f"{user}: admitted {admitted}, expected {expected:.0f} within 10%"
 
 
-@one_waypoint
 def test_per_identity_keys_have_their_own_buckets(mesh: Cluster) -> None:
     policy = rate_limit_policy(
         "per-client",
@@ -188,7 +183,6 @@ def test_per_identity_keys_have_their_own_buckets(mesh: Cluster) -> None:
         assert ok, f"{pod}: admitted {admitted}, expected {expected:.0f} within 10%"
 
 
-@one_waypoint
 def test_a_limit_on_a_route_applies_only_to_the_requests_it_matched(mesh: Cluster) -> None:
     policy = rate_limit_policy(
         "on-route",
@@ -211,22 +205,47 @@ def runtime_store(cluster: Cluster) -> tuple[str, int]:
     return settings["ratelimit_store"], settings["ratelimit_store_pid"]
 
 
-def test_a_global_limit_holds_the_rate_in_the_runtimes_redis(mesh: Cluster) -> None:
+def test_a_global_limit_is_shared_by_two_waypoint_replicas(mesh: Cluster) -> None:
+    """The waypoint scaled to two replicas on two nodes; two client pods load it at once
+    (their node proxy spreads the tunnels over the replicas): both replicas admit requests,
+    and together they admit burst + rate x duration, the one limit in the runtime's Redis."""
     url, pid = runtime_store(mesh)
     assert url.startswith("redis://127.0.0.1:") and pid > 0
     assert mesh.status()["ratelimitStore"] == {"url": url, "pid": pid, "alive": True}
     policy = rate_limit_policy(
         "global", "- {name: all, requests: 40, per: 1s, burst: 10, scope: Global}\n"
     )
-    with apply_temporarily(mesh, policy):
-        result = load(mesh, "client-0", f"{WEB}/global", SECONDS)
-    codes = result["codes"]
-    admitted = codes.get("200", 0)
-    ok, expected = within(admitted, 10, 40, result["seconds"])
-    print(f"global: admitted {admitted}, expected {expected:.0f}: {result}")
-    assert set(codes) <= {"200", "429"} and codes.get("429", 0) > admitted
-    assert ok, f"admitted {admitted}, expected {expected:.0f} within 10%"
-    assert set(result["bodies"]) == {"rate_limited"}
+    mesh.apply(gateway(2))
+    try:
+        mesh.eventually(
+            lambda: mesh.status()["pods"].get("shop/waypoint-1", {}).get("phase") == "Running",
+            seconds=60,
+        )
+        mesh.eventually(lambda: "serving" in waypoint_log(mesh, "waypoint-1"), seconds=30)
+        logged = {pod: len(access_log(mesh, pod)) for pod in REPLICAS}
+        with apply_temporarily(mesh, policy), ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(load, mesh, pod, f"{WEB}/global", SECONDS) for pod in PODS]
+            results = [run.result() for run in runs]
+        admitted = sum(r["codes"].get("200", 0) for r in results)
+        limited = sum(r["codes"].get("429", 0) for r in results)
+        seconds = max(r["seconds"] for r in results)
+        ok, expected = within(admitted, 10, 40, seconds)
+        by_replica = {
+            pod: sum(
+                1
+                for e in access_log(mesh, pod)[logged[pod] :]
+                if e.get("path") == "/global" and e.get("response_code") == 200
+            )
+            for pod in REPLICAS
+        }
+        print(f"global, two replicas: admitted {admitted} {by_replica}, expected {expected:.0f}")
+        assert all(set(r["codes"]) <= {"200", "429"} for r in results) and limited > admitted
+        assert all(n > 0 for n in by_replica.values()), by_replica  # both replicas served
+        assert ok, f"admitted {admitted}, expected {expected:.0f} within 10%"
+        assert {b for r in results for b in r["bodies"]} == {"rate_limited"}
+    finally:
+        mesh.apply(gateway(1))
+        mesh.eventually(lambda: "shop/waypoint-1" not in mesh.status()["pods"], seconds=60)
 
 
 def test_without_its_redis_a_global_limit_takes_its_failure_mode(mesh: Cluster) -> None:

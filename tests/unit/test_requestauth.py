@@ -710,3 +710,13 @@ async def test_data_path_grpc_gets_unauthenticated_and_the_log_says_why() -> Non
     dp.access_log.flush()
     entry = json.loads(out.getvalue().split("meshway.access: ", 1)[1])
     assert entry["details"] == "jwt_authn_access_denied{" + ra.BAD_FORMAT.replace(" ", "_") + "}"
+
+
+def test_an_inline_jwks_is_read_when_first_needed() -> None:
+    """Every waypoint receives every RequestAuthentication: reading the keys (and loading
+    PyJWT) waits until a token needs them, and a bad set is reported then."""
+    from meshway.policy.requestauth import StaticKeys
+
+    bad = StaticKeys("not json")
+    assert bad._text is not None  # nothing read yet
+    assert bad.current() is None and bad.error == "Jwks is an invalid JSON"

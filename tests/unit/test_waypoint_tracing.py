@@ -705,3 +705,16 @@ def test_telemetry_and_mesh_config_reach_waypoints_as_route_resources() -> None:
     )
     with pytest.raises(ValueError, match="randomSamplingPercentage"):
         check_route("shop/Telemetry/t", bad)
+
+
+def test_telemetry_of_namespaces_the_waypoint_does_not_serve_is_ignored() -> None:
+    """Every waypoint receives every Telemetry; one for a namespace it does not serve must
+    not turn tracing (and the SDK) on in it."""
+    provider = [{"providers": [{"name": "otel"}]}]
+    objects = [mesh_config(), telemetry("t", "billing", tracing=provider)]
+    gateway = ("shop", "waypoint")
+    assert not TracingConfig.build(objects, gateway, "istio-system", served={"shop"}).enabled
+    assert TracingConfig.build(objects, gateway, "istio-system", served={"billing"}).enabled
+    assert TracingConfig.build(objects, gateway, "istio-system").enabled  # served unknown
+    mesh_wide = [mesh_config(), telemetry("t", "istio-system", tracing=provider)]
+    assert TracingConfig.build(mesh_wide, gateway, "istio-system", served={"shop"}).enabled

@@ -193,15 +193,31 @@ class KeySource(Protocol):
 
 
 class StaticKeys:
-    """An inline `jwks`."""
+    """An inline `jwks`, read when a token first needs it: every waypoint receives every
+    RequestAuthentication, and one that serves none of its targets never loads PyJWT."""
 
     def __init__(self, text: str) -> None:
-        self.error: str | None = None
-        self.keys: tuple[JwtKey, ...] | None
-        try:
-            self.keys = parse_jwks(text)
-        except JwksError as exc:
-            self.keys, self.error = None, str(exc)
+        self._text: str | None = text
+        self._keys: tuple[JwtKey, ...] | None = None
+        self._error: str | None = None
+
+    def _parse(self) -> None:
+        text, self._text = self._text, None
+        if text is not None:
+            try:
+                self._keys = parse_jwks(text)
+            except JwksError as exc:
+                self._error = str(exc)
+
+    @property
+    def keys(self) -> tuple[JwtKey, ...] | None:
+        self._parse()
+        return self._keys
+
+    @property
+    def error(self) -> str | None:
+        self._parse()
+        return self._error
 
     def current(self) -> tuple[JwtKey, ...] | None:
         return self.keys

@@ -165,6 +165,13 @@ class Waypoint:
             self.identity = SpiffeId(own.trust_domain, self.config.namespace, self.config.name)
         self._update_tracing()
 
+    def _served_namespaces(self) -> set[str]:
+        """The namespaces of the Services and workloads that use this waypoint."""
+        mine = self.datapath.service_name
+        served = {s.namespace for s in self.state.services.values() if s.waypoint.service == mine}
+        served |= {w.namespace for w in self.state.workloads.values() if w.waypoint.service == mine}
+        return served
+
     def _update_tracing(self) -> None:
         """Tracing from the Telemetry and MeshConfig resources; again after every update,
         since a provider's Service (and so its address) arrives as state too."""
@@ -177,6 +184,7 @@ class Waypoint:
                 self.tracing,
                 node_id=f"waypoint~{self.config.namespace}/{self.config.name}",
                 mesh_id=self.identity.trust_domain,
+                served=self._served_namespaces(),
             )
         except Exception:  # telemetry must not stop the xDS stream or the data path
             log.exception("tracing configuration not applied")

@@ -31,7 +31,7 @@ import os
 import random
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -346,7 +346,10 @@ class TracingConfig:
         objects: Iterable[Any],
         gateway: tuple[str, str],
         root_namespace: str,
+        served: Collection[str] | None = None,
     ) -> TracingConfig:
+        """`served`: the namespaces of what this waypoint serves (None: any). Telemetry of
+        other namespaces cannot apply here, and must not make a waypoint load the SDK."""
         config = cls(gateway, root_namespace)
         telemetries = sorted((o for o in objects if isinstance(o, Telemetry)), key=_age)
         for obj in objects:
@@ -354,6 +357,8 @@ class TracingConfig:
                 config.mesh = obj
         for t in telemetries:
             ns = t.metadata.namespace or ""
+            if served is not None and ns not in (root_namespace, gateway[0], *served):
+                continue
             refs = t.spec.all_target_refs
             if refs:
                 for ref in refs:
@@ -722,10 +727,11 @@ def build_tracer(
     *,
     node_id: str,
     mesh_id: str,
+    served: Collection[str] | None = None,
 ) -> WaypointTracer | None:
     """The waypoint's tracer for this configuration, or None when nothing is traced (the
     data path then pays a single attribute test per request)."""
-    config = TracingConfig.build(list(objects), gateway, root_namespace)
+    config = TracingConfig.build(list(objects), gateway, root_namespace, served)
     if not config.enabled:
         providers.tracers({})
         return None
