@@ -125,13 +125,19 @@ class Destination:
     def workload_namespace(self) -> str:
         return self.workload.namespace if self.workload is not None else ""
 
+    # `ip`, worked out on first use (once per tunnel, not per request).
+    _ip: IpAddress | None = field(default=None, init=False, repr=False)
+
     @property
     def ip(self) -> IpAddress:
-        if self.service is not None and self.service.addresses:
-            return ipaddress.ip_address(self.service.addresses[0].address)
-        if self.workload is not None and self.workload.addresses:
-            return ipaddress.ip_address(self.workload.addresses[0])
-        return ipaddress.IPv4Address(0)
+        if self._ip is None:
+            if self.service is not None and self.service.addresses:
+                self._ip = ipaddress.ip_address(self.service.addresses[0].address)
+            elif self.workload is not None and self.workload.addresses:
+                self._ip = ipaddress.ip_address(self.workload.addresses[0])
+            else:
+                self._ip = ipaddress.IPv4Address(0)
+        return self._ip
 
 
 @dataclass(slots=True)
