@@ -1028,9 +1028,26 @@ _PREFIX_PROBLEM = "ReplacePrefixMatch needs a rule with exactly one PathPrefix m
 
 
 def _header_modifier(modifier: HTTPHeaderModifier, *, request: bool) -> HeaderModifier:
-    set_ = [(h.name.lower(), h.value) for h in modifier.set]
-    add = [(h.name.lower(), h.value) for h in modifier.add]
-    remove = {name.lower() for name in modifier.remove}
+    return header_modifier(
+        [(h.name, h.value) for h in modifier.set],
+        [(h.name, h.value) for h in modifier.add],
+        modifier.remove,
+        request=request,
+    )
+
+
+def header_modifier(
+    set_headers: Iterable[tuple[str, str]],
+    add_headers: Iterable[tuple[str, str]],
+    remove_headers: Iterable[str],
+    *,
+    request: bool,
+) -> HeaderModifier:
+    """Headers to set, add and remove (names lower-cased); on a request, `host` is the
+    authority, so setting it sets that instead of a header."""
+    set_ = [(name.lower(), value) for name, value in set_headers]
+    add = [(name.lower(), value) for name, value in add_headers]
+    remove = {name.lower() for name in remove_headers}
     host = None
     if request:
         host = next((v for n, v in [*add, *set_] if n == "host"), None)

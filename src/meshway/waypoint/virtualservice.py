@@ -64,6 +64,7 @@ from meshway.waypoint.routing import (
     RetryPolicy,
     ServiceRoutes,
     Timeouts,
+    header_modifier,
 )
 
 # Istio's retry policy for a route that sets none: 2 retries, on 503 (and failed connections).
@@ -303,16 +304,7 @@ def _header_ops(ops: HeaderOperations | None, request: bool) -> HeaderModifier |
     `host` sets the authority)."""
     if ops is None or not (ops.set or ops.add or ops.remove):
         return None
-    set_ = [(n.lower(), v) for n, v in ops.set.items()]
-    add = [(n.lower(), v) for n, v in ops.add.items()]
-    remove = {n.lower() for n in ops.remove}
-    host = None
-    if request:
-        host = next((v for n, v in [*add, *set_] if n == "host"), None)
-        set_ = [(n, v) for n, v in set_ if n != "host"]
-        add = [(n, v) for n, v in add if n != "host"]
-        remove.discard("host")
-    return HeaderModifier(tuple(set_), tuple(add), frozenset(remove), host)
+    return header_modifier(ops.set.items(), ops.add.items(), ops.remove, request=request)
 
 
 @dataclass(frozen=True, slots=True)
