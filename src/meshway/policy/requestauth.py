@@ -572,7 +572,7 @@ class Authenticator:
                         entry.rules.append(rule)
                         entry.header = entry.header or name
                         break
-            if rule.params:
+            if rule.params and "?" in request.path:
                 if query is None:
                     _, _, qs = request.path.partition("?")
                     query = parse_qsl(qs, keep_blank_values=False)

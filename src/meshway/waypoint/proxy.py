@@ -233,6 +233,7 @@ class WaypointDataPath:
         self.ratelimiter = RateLimiter(None)
         # Endpoints by (service, port), rebuilt after every state change.
         self._endpoints: dict[tuple[str, int, str | None], list[Endpoint]] = {}
+        self._services_by_name: dict[tuple[str, str], address_pb2.Service] | None = None
         self._rand = random.random
         self._mirroring: set[asyncio.Future[None]] = set()
         # Request tracing (Telemetry), None when nothing is traced.
@@ -256,6 +257,7 @@ class WaypointDataPath:
         if authn is not None:
             self.authn = authn
         self._endpoints = {}
+        self._services_by_name = None
         self.policies = WaypointPolicyIndex(
             self.state.policies.values(), self.gateway, self.root_namespace
         )
@@ -594,11 +596,15 @@ class WaypointDataPath:
         return policy_set.evaluate(ctx)
 
     def _service(self, namespace: str, name: str) -> address_pb2.Service | None:
-        domain_key = f"{namespace}/{name}.{namespace}.svc."
-        for key, svc in self.state.services.items():
-            if key.startswith(domain_key) or (svc.namespace == namespace and svc.name == name):
-                return svc
-        return None
+        """A Service by namespace and name, from an index rebuilt after each update (a route's
+        backend is looked up for every request; the state is keyed by hostname)."""
+        index = self._services_by_name
+        if index is None:
+            index = {}
+            for svc in self.state.services.values():
+                index.setdefault((svc.namespace, svc.name), svc)
+            self._services_by_name = index
+        return index.get((namespace, name))
 
     def pick_endpoint(self, target: Target, key: HashKey) -> Endpoint | None:
         """The endpoint for `target` by its cluster's load balancer, past ejected endpoints
