@@ -396,7 +396,7 @@ class WaypointDataPath:
         # RequestAuthentication (JWT), then authorization with its request principal.
         auth: RequestAuth | None = None
         authenticator = self._authenticator(dest)
-        if authenticator is not None:
+        if authenticator is not None and not authenticator.without_token(request):
             result = await authenticator.authenticate(request, time.time())
             if result.error is not None:
                 outcome.details = result.details
@@ -434,7 +434,11 @@ class WaypointDataPath:
                 outcome.route or None,
             )
             if limits:
-                verdict = await self.ratelimiter.check(limits, down.identity.uri, request)
+                limiter = self.ratelimiter
+                denial, taken, remote = limiter.take_local(limits, down.identity.uri, request)
+                verdict: Denial | StoreFailure | None = denial
+                if denial is None and remote:  # only Global limits need to wait for anything
+                    verdict = await limiter.take_global(taken, remote)
                 if verdict is not None:
                     limited = self._rate_limited(verdict, outcome)
                     if limited is not None:

@@ -308,6 +308,16 @@ class RateLimiter:
     ) -> Denial | StoreFailure | None:
         """None (or a StoreFailure when the failure mode let it pass) for a request that may
         pass; a Denial otherwise."""
+        denial, taken, remote = self.take_local(limits, identity, request)
+        if denial is not None or not remote:
+            return denial
+        return await self.take_global(taken, remote)
+
+    def take_local(
+        self, limits: Sequence[AppliedLimit], identity: str, request: Request
+    ) -> tuple[Denial | None, list[tuple[LocalBuckets, str]], list[tuple[AppliedLimit, str]]]:
+        """The Local limits' part of `check`, without awaiting anything: a Denial, or the
+        tokens taken (given back if a Global limit then denies) and the Global limits left."""
         now = self.clock()
         taken: list[tuple[LocalBuckets, str]] = []
         remote: list[tuple[AppliedLimit, str]] = []
@@ -320,10 +330,14 @@ class RateLimiter:
             wait = buckets.take(key, now)
             if wait > 0.0:
                 _give_back(taken)
-                return _denied(limit, wait, LOCAL_BODY)
+                return _denied(limit, wait, LOCAL_BODY), [], []
             taken.append((buckets, key))
-        if not remote:
-            return None
+        return None, taken, remote
+
+    async def take_global(
+        self, taken: list[tuple[LocalBuckets, str]], remote: list[tuple[AppliedLimit, str]]
+    ) -> Denial | StoreFailure | None:
+        """The Global limits' part of `check`: one call to the store for all of them."""
         try:
             if self.store is None:
                 raise StoreUnavailable("no rate limit store configured")

@@ -223,9 +223,10 @@ def inject(
     `tracestate`, `baggage` and every other header stay as they are."""
     b3 = incoming.b3 if incoming is not None else B3_NONE
     drop = _B3_HEADERS if b3 else None
-    headers[:] = [
-        (k, v) for k, v in headers if k != "traceparent" and (drop is None or k not in drop)
-    ]
+    if drop is not None or any(k == "traceparent" for k, _ in headers):
+        headers[:] = [
+            (k, v) for k, v in headers if k != "traceparent" and (drop is None or k not in drop)
+        ]
     headers.append(("traceparent", traceparent(trace_id, span_id, sampled)))
     if not b3:
         return
