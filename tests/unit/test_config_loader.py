@@ -507,3 +507,14 @@ def test_small_anchors_still_work() -> None:
         "spec:\n  selector: {app: web2}\n  ports: [{port: 80}]\n"
     )
     assert [o.metadata.name for o in parse_documents(text, "ok.yaml")] == ["web", "web2"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")),
+)
+def test_every_example_file_parses(name: str) -> None:
+    """What the docs tell users to copy must be accepted as it is."""
+    path = Path(__file__).resolve().parents[2] / "examples" / name
+    objects = parse_documents(path.read_text(), str(path))
+    assert objects, f"{name} holds no object"
