@@ -43,6 +43,11 @@ class Fault:
     # Where it comes from ("FaultInjection shop/flaky", "VirtualService shop/web http[0]").
     source: str = ""
 
+    @property
+    def active(self) -> bool:
+        """False for a fault that can never fire (its percentages are 0): nothing to draw."""
+        return (self.delay_fraction > 0 and self.delay > 0) or self.abort_fraction > 0
+
     def draw_delay(self, rand: Callable[[], float]) -> float | None:
         """The delay for this request, or None when the draw spares it."""
         if self.delay_fraction > 0 and self.delay > 0 and rand() < self.delay_fraction:

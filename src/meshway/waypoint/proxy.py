@@ -444,8 +444,9 @@ class WaypointDataPath:
                     if limited is not None:
                         return limited
             if match is not None:
-                if match.fault is not None:  # before the router's work, as Envoy's filter
-                    aborted = await self._inject_fault(match.fault, outcome)
+                fault = match.fault
+                if fault is not None and fault.active:  # before the router's work, as Envoy's
+                    aborted = await self._inject_fault(fault, outcome)
                     if aborted is not None:
                         return aborted
                 redirect = match.apply_request_filters(request)
@@ -457,8 +458,9 @@ class WaypointDataPath:
                     if match.rule.grpc:
                         return grpc_error(14, "no valid backend")
                     return simple_response(500, "no valid backend\n")
-                if match.backend_fault is not None:
-                    aborted = await self._inject_fault(match.backend_fault, outcome)
+                fault = match.backend_fault
+                if fault is not None and fault.active:
+                    aborted = await self._inject_fault(fault, outcome)
                     if aborted is not None:
                         return aborted
                 rejected = match.apply_backend_filters(request)
@@ -766,7 +768,7 @@ class WaypointDataPath:
                 return simple_response(503, "no healthy upstream")
             outcome.endpoint = endpoint
             limiter = cluster.limiter if cluster is not None else None
-            if limiter is not None:
+            if limiter is not None and not limiter.try_acquire():
                 try:
                     await limiter.acquire()
                 except Overflow as exc:

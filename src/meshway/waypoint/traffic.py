@@ -247,6 +247,13 @@ class Limiter:
         self.active = 0
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
+    def try_acquire(self) -> bool:
+        """A slot at once if one is free and nobody waits (no coroutine per request)."""
+        if self.max_active is None or (self.active < self.max_active and not self._waiting):
+            self.active += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
         if self.max_active is None or (self.active < self.max_active and not self._waiting):
             self.active += 1
