@@ -213,7 +213,7 @@ def test_a_global_limit_is_shared_by_two_waypoint_replicas(mesh: Cluster) -> Non
     assert url.startswith("redis://127.0.0.1:") and pid > 0
     assert mesh.status()["ratelimitStore"] == {"url": url, "pid": pid, "alive": True}
     policy = rate_limit_policy(
-        "global", "- {name: all, requests: 40, per: 1s, burst: 10, scope: Global}\n"
+        "global", "- {name: all, requests: 40, per: 1s, burst: 20, scope: Global}\n"
     )
     mesh.apply(gateway(2))
     try:
@@ -229,7 +229,9 @@ def test_a_global_limit_is_shared_by_two_waypoint_replicas(mesh: Cluster) -> Non
         admitted = sum(r["codes"].get("200", 0) for r in results)
         limited = sum(r["codes"].get("429", 0) for r in results)
         seconds = max(r["seconds"] for r in results)
-        ok, expected = within(admitted, 10, 40, seconds)
+        # A burst of half a second's tokens: a client stalled that long by a busy machine
+        # loses none (the bucket is full after 0.5 s), so what is measured is the limiter.
+        ok, expected = within(admitted, 20, 40, seconds)
         by_replica = {
             pod: sum(
                 1

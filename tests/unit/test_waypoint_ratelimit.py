@@ -407,3 +407,16 @@ async def test_the_data_path_answers_429_with_retry_after_and_counts_it() -> Non
     grpc = Request("POST", "/demo.Echo/Say", "web.shop", [("content-type", "application/grpc")])
     answer = await dp.serve(down, grpc)
     assert answer.status == 200 and answer.header("grpc-status") == "14"
+
+
+def test_the_store_client_is_made_when_a_global_limit_is_configured_not_on_a_request() -> None:
+    from meshway.waypoint.ratelimit_store import RedisStore, store_url_error
+
+    store = RedisStore("redis://127.0.0.1:1/0")
+    assert store._redis is None  # constructing it imports nothing and connects nowhere
+    store.prepare()
+    assert store._redis is not None and store.available  # ready; still no connection made
+    assert store_url_error("http://x") is not None and store_url_error("redis://") is not None
+    assert store_url_error("unix:///run/redis.sock") is None
+    with pytest.raises(ValueError, match="scheme"):
+        RedisStore("memcached://127.0.0.1:11211")

@@ -206,6 +206,8 @@ class Waypoint:
                 "Global rate limits apply but no store is configured (--ratelimit-store or "
                 "MESHWAY_RATELIMIT_STORE): they take their policies' failureMode"
             )
+        elif ratelimits.has_global and self.ratelimit_store is not None:
+            self.ratelimit_store.prepare()  # redis-py loaded now, not on a request
         self.jwks.begin()
         authn = RequestAuthIndex(
             by_kind.get("RequestAuthentication", []),
