@@ -111,10 +111,17 @@ class Cluster:
         self.meshway("delete", "-f", str(path), "--ignore-not-found")
 
     def eventually(self, check: Any, seconds: float = 15.0, interval: float = 0.2) -> Any:
-        """Poll `check` until it returns something truthy; bounded in time."""
+        """Poll `check` until it returns something truthy; bounded in time. A check that
+        fails an assertion (a command in a pod that failed while the mesh settles, say) is
+        tried again; past the deadline its last failure is raised."""
         deadline = time.monotonic() + seconds
         while True:
-            result = check()
+            try:
+                result = check()
+            except AssertionError:
+                if time.monotonic() >= deadline:
+                    raise
+                result = None
             if result:
                 return result
             assert time.monotonic() < deadline, f"not true after {seconds}s: {check}"
