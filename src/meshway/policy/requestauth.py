@@ -287,21 +287,27 @@ class ParsedJwt:
         return kid if isinstance(kid, str) else None
 
 
+def _json_part(part: str, bad_base64: str, bad_json: str) -> dict[str, Any]:
+    """A token's header or payload: base64url of a JSON object, else JwtError(the text)."""
+    try:
+        data = _b64decode(part)
+    except (binascii.Error, ValueError) as exc:
+        raise JwtError(bad_base64) from exc
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise JwtError(bad_json) from exc
+    if not isinstance(value, dict):
+        raise JwtError(bad_json)
+    return value
+
+
 def parse_jwt(token: str) -> ParsedJwt:
     """The token's parts, or JwtError with Envoy's text for what is wrong with its form."""
     parts = token.split(".")
     if len(parts) != 3:
         raise JwtError(BAD_FORMAT)
-    try:
-        header_bytes = _b64decode(parts[0])
-    except (binascii.Error, ValueError) as exc:
-        raise JwtError(HEADER_BAD_BASE64) from exc
-    try:
-        header = json.loads(header_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise JwtError(HEADER_BAD_JSON) from exc
-    if not isinstance(header, dict):
-        raise JwtError(HEADER_BAD_JSON)
+    header = _json_part(parts[0], HEADER_BAD_BASE64, HEADER_BAD_JSON)
     alg = header.get("alg")
     if not isinstance(alg, str):
         raise JwtError(HEADER_BAD_ALG)
@@ -309,16 +315,7 @@ def parse_jwt(token: str) -> ParsedJwt:
         raise JwtError(HEADER_ALG_NOT_SUPPORTED)  # "none" among them
     if "kid" in header and not isinstance(header["kid"], str):
         raise JwtError(HEADER_BAD_KID)
-    try:
-        payload_bytes = _b64decode(parts[1])
-    except (binascii.Error, ValueError) as exc:
-        raise JwtError(PAYLOAD_BAD_BASE64) from exc
-    try:
-        payload = json.loads(payload_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise JwtError(PAYLOAD_BAD_JSON) from exc
-    if not isinstance(payload, dict):
-        raise JwtError(PAYLOAD_BAD_JSON)
+    payload = _json_part(parts[1], PAYLOAD_BAD_BASE64, PAYLOAD_BAD_JSON)
     for name in ("iss", "sub", "jti"):
         if name in payload and not isinstance(payload[name], str):
             raise JwtError(f"Jwt payload [{name}] field is not a string")
@@ -596,23 +593,25 @@ class Authenticator:
                         found.setdefault(morsel.value, _Found(morsel.value)).rules.append(rule)
         return list(found.values())
 
-    def without_token(self, request: AuthRequest) -> bool:
-        """True when the request carries no token for these rules (it then passes with no
-        request principal, and the claim headers are dropped): checked without awaiting, so
-        that most requests never start `authenticate`."""
-        if self._tokens(request):
-            return False
-        if self.output_headers:
+    def tokens(self, request: AuthRequest) -> list[_Found]:
+        """The request's tokens for these rules, found without awaiting (so that a request
+        without one never starts `authenticate`). With none, the request passes with no
+        request principal, and the claim headers are dropped from it here."""
+        found = self._tokens(request)
+        if not found and self.output_headers:
             # Istio passes them on; a backend could then not trust them without a policy.
             drop = self.output_headers
             request.headers[:] = [(k, v) for k, v in request.headers if k not in drop]
-        return True
+        return found
 
-    async def authenticate(self, request: AuthRequest, now: float) -> AuthnResult:
-        """Check the request's tokens; on success, apply the winning rule's header outputs."""
-        found = self._tokens(request)
+    async def authenticate(
+        self, request: AuthRequest, now: float, found: list[_Found] | None = None
+    ) -> AuthnResult:
+        """Check the request's tokens (`found`: what `tokens` gave, so that they are not looked
+        for twice); on success, apply the winning rule's header outputs."""
+        if found is None:
+            found = self.tokens(request)
         if not found:
-            self.without_token(request)
             return NO_TOKEN
         first_error: JwtError | None = None
         for entry in found:

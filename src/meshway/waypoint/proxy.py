@@ -396,8 +396,8 @@ class WaypointDataPath:
         # RequestAuthentication (JWT), then authorization with its request principal.
         auth: RequestAuth | None = None
         authenticator = self._authenticator(dest)
-        if authenticator is not None and not authenticator.without_token(request):
-            result = await authenticator.authenticate(request, time.time())
+        if authenticator is not None and (found := authenticator.tokens(request)):
+            result = await authenticator.authenticate(request, time.time(), found)
             if result.error is not None:
                 outcome.details = result.details
                 return _unauthenticated(request, result)
