@@ -27,6 +27,7 @@ from .waypointkit import (
     curl,
     http_service,
     shop_with_waypoint,
+    waypoint_gateway,
     waypoint_log,
     workload,
 )
@@ -37,22 +38,6 @@ pytestmark = [
     pytest.mark.skipif(not RedisServer.installed(), reason="redis-server is not installed"),
     pytest.mark.timeout(300),
 ]
-
-
-def gateway(replicas: int) -> str:
-    """The waypoint Gateway of `shop_with_waypoint`, with `replicas` waypoints."""
-    return textwrap.dedent(f"""\
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: Gateway
-        metadata:
-          name: waypoint
-          namespace: shop
-          labels: {{istio.io/waypoint-for: service}}
-          annotations: {{meshway.io/replicas: "{replicas}"}}
-        spec:
-          gatewayClassName: istio-waypoint
-          listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
-        """)
 
 
 MANIFEST = (
@@ -215,7 +200,7 @@ def test_a_global_limit_is_shared_by_two_waypoint_replicas(mesh: Cluster) -> Non
     policy = rate_limit_policy(
         "global", "- {name: all, requests: 40, per: 1s, burst: 20, scope: Global}\n"
     )
-    mesh.apply(gateway(2))
+    mesh.apply(waypoint_gateway(2))
     try:
         mesh.eventually(
             lambda: mesh.status()["pods"].get("shop/waypoint-1", {}).get("phase") == "Running",
@@ -246,7 +231,7 @@ def test_a_global_limit_is_shared_by_two_waypoint_replicas(mesh: Cluster) -> Non
         assert ok, f"admitted {admitted}, expected {expected:.0f} within 10%"
         assert {b for r in results for b in r["bodies"]} == {"rate_limited"}
     finally:
-        mesh.apply(gateway(1))
+        mesh.apply(waypoint_gateway())
         mesh.eventually(lambda: "shop/waypoint-1" not in mesh.status()["pods"], seconds=60)
 
 

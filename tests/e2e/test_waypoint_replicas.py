@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import textwrap
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,15 @@ from typing import Any
 import pytest
 
 from .meshcluster import Cluster, running_cluster
-from .waypointkit import APP, PY, access_log, http_service, waypoint_log, workload
+from .waypointkit import (
+    APP,
+    PY,
+    access_log,
+    http_service,
+    shop_with_waypoint,
+    waypoint_log,
+    workload,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -28,28 +35,7 @@ pytestmark = [
 
 # The namespace names the waypoint before it exists; traffic goes direct until it does.
 MANIFEST = (
-    textwrap.dedent("""\
-    apiVersion: v1
-    kind: Namespace
-    metadata:
-      name: shop
-      labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}
-    ---
-    apiVersion: meshway.io/v1alpha1
-    kind: Node
-    metadata: {name: node-1}
-    ---
-    apiVersion: meshway.io/v1alpha1
-    kind: Node
-    metadata: {name: node-2}
-    ---
-    apiVersion: v1
-    kind: List
-    items:
-    - {apiVersion: v1, kind: ServiceAccount, metadata: {name: client, namespace: shop}}
-    - {apiVersion: v1, kind: ServiceAccount, metadata: {name: web, namespace: shop}}
-    ---
-    """)
+    shop_with_waypoint("client", "web", gateway=False)
     + http_service("web", "app: web")
     + workload("client-0", "node-1", ["sleep", "infinity"])
     + workload("client-1", "node-2", ["sleep", "infinity"])

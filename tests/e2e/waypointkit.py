@@ -16,9 +16,28 @@ APP = str(Path(__file__).parent / "apps" / "l7app.py")
 PY = sys.executable
 
 
-def shop_with_waypoint(*service_accounts: str) -> str:
+def waypoint_gateway(replicas: int | None = None) -> str:
+    """The Gateway `waypoint` of class istio-waypoint in `shop`, for services; with
+    `replicas`, the `meshway.io/replicas` annotation."""
+    annotations = (
+        f'  annotations: {{meshway.io/replicas: "{replicas}"}}\n' if replicas is not None else ""
+    )
+    return (
+        "apiVersion: gateway.networking.k8s.io/v1\n"
+        "kind: Gateway\n"
+        "metadata:\n"
+        "  name: waypoint\n"
+        "  namespace: shop\n"
+        "  labels: {istio.io/waypoint-for: service}\n" + annotations + "spec:\n"
+        "  gatewayClassName: istio-waypoint\n"
+        "  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n"
+    )
+
+
+def shop_with_waypoint(*service_accounts: str, gateway: bool = True) -> str:
     """Two nodes, the namespace `shop` in ambient mode using the waypoint `waypoint` (a
-    Gateway of class istio-waypoint, for services), and these service accounts in it."""
+    Gateway of class istio-waypoint, for services, unless `gateway` is False: the
+    namespace then names it before it exists), and these service accounts in it."""
     accounts = "".join(
         f"- {{apiVersion: v1, kind: ServiceAccount, metadata: {{name: {sa}, namespace: shop}}}}\n"
         for sa in service_accounts
@@ -39,20 +58,9 @@ def shop_with_waypoint(*service_accounts: str) -> str:
         kind: Node
         metadata: {name: node-2}
         ---
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: Gateway
-        metadata:
-          name: waypoint
-          namespace: shop
-          labels: {istio.io/waypoint-for: service}
-        spec:
-          gatewayClassName: istio-waypoint
-          listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-        ---
-        apiVersion: v1
-        kind: List
-        items:
         """)
+        + (waypoint_gateway() + "---\n" if gateway else "")
+        + "apiVersion: v1\nkind: List\nitems:\n"
         + accounts
         + "---\n"
     )
