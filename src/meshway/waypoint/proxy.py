@@ -339,8 +339,7 @@ class WaypointDataPath:
         started = time.monotonic()
         dest = down.destination
         target = Target(dest.service, dest.workload, dest.port)
-        endpoint = self.pick_endpoint(target, HashKey(None, down.ip))
-        cluster = self.resolve(target)[0]
+        endpoint, cluster, _ = self.choose(target, HashKey(None, down.ip))
         outcome = Outcome()
         sent = received = 0
         if endpoint is None:
@@ -615,20 +614,28 @@ class WaypointDataPath:
     def pick_endpoint(self, target: Target, key: HashKey) -> Endpoint | None:
         """The endpoint for `target` by its cluster's load balancer, past ejected endpoints
         (or the workload itself); None when there is none."""
+        return self.choose(target, key)[0]
+
+    def choose(
+        self, target: Target, key: HashKey
+    ) -> tuple[Endpoint | None, Cluster | None, list[Endpoint]]:
+        """`pick_endpoint`, with the cluster it picked in and that cluster's endpoints (a
+        workload target has neither), from one lookup of the DestinationRule."""
         if target.service is None:
             workload = target.workload
             if workload is None or not workload.addresses:
-                return None
-            return Endpoint(
+                return None, None, []
+            endpoint = Endpoint(
                 workload,
                 ip_text(workload.addresses[0]),
                 target.port,
                 workload_identity(workload).uri,
             )
+            return endpoint, None, []
         cluster, candidates = self.resolve(target)
         if cluster is None or not candidates:
-            return None
-        return cluster.pick(candidates, key)
+            return None, cluster, candidates
+        return cluster.pick(candidates, key), cluster, candidates
 
     def resolve(self, target: Target) -> tuple[Cluster | None, list[Endpoint]]:
         """A Service port (or subset) as a cluster (its DestinationRule's load balancer,
@@ -752,13 +759,7 @@ class WaypointDataPath:
         while True:
             attempt += 1
             outcome.attempts = attempt
-            cluster, candidates = self.resolve(target)
-            if target.service is None:
-                endpoint = self.pick_endpoint(target, key)  # a workload: itself
-            elif cluster is not None and candidates:
-                endpoint = cluster.pick(candidates, key)
-            else:
-                endpoint = None
+            endpoint, cluster, candidates = self.choose(target, key)
             if endpoint is None:
                 request.body.cancel()
                 if target.subset is not None and cluster is None:
