@@ -421,3 +421,42 @@ def test_auth_principal_audiences_and_presenter_conditions() -> None:
 def test_a_malformed_claims_key_fails_closed() -> None:
     allow = policy("bad", pb.ALLOW, when("request.auth.claims[groups", ["admin"]))
     assert not decide([allow], request(auth=ALICE))
+
+
+def test_the_decision_for_requests_without_a_token_is_known_only_when_it_cannot_differ() -> None:
+    """`unauthenticated` skips evaluation for requests without a verified JWT: it must be set
+    for DENY/AUDIT sets that need a token to match, and agree with evaluating each request."""
+    claim = when("request.auth.claims[groups]", ["blocked"])
+    principal = rule(request_principals=["*"])
+    cases = {
+        "deny on a claim": ([policy("d", pb.DENY, claim)], True),
+        "deny on a principal": ([policy("d", pb.DENY, principal)], True),
+        "audit on a claim": ([policy("a", pb.AUDIT, claim)], True),
+        "deny without rules": ([policy("d", pb.DENY)], True),
+        "deny on a claim or a path": ([policy("d", pb.DENY, claim, rule(paths=["/x"]))], False),
+        "deny on not a claim": (
+            [policy("d", pb.DENY, when("request.auth.claims[groups]", not_values=["ok"]))],
+            False,
+        ),
+        "deny on not a principal": (
+            [policy("d", pb.DENY, from_source(not_request_principals=["*"]))],
+            False,
+        ),
+        "deny on a malformed claim (fails closed)": (
+            [policy("d", pb.DENY, when("request.auth.claims[groups", ["x"]))],
+            False,
+        ),
+        "allow on a claim": ([policy("a", pb.ALLOW, claim)], False),
+        "deny on a claim, allow a path": (
+            [policy("d", pb.DENY, claim), policy("a", pb.ALLOW, rule(paths=["/ok"]))],
+            False,
+        ),
+    }
+    for name, (policies, known) in cases.items():
+        policy_set = WaypointPolicyIndex(policies, GATEWAY).policy_set("shop", "web")
+        assert (policy_set.unauthenticated is not None) == known, name
+        for target in ("/", "/x", "/ok"):
+            evaluated = policy_set.evaluate(request(target=target))
+            if known:
+                assert policy_set.unauthenticated is not None
+                assert policy_set.unauthenticated.allowed == evaluated.allowed, (name, target)

@@ -171,3 +171,59 @@ async def test_mirror_copies_only_whole_small_bodies_and_leaves_the_request_inta
     assert await request.body.read_all() == b"small"  # the primary still has its body
     await asyncio.sleep(0.05)
     assert sent("no_endpoint") == 1  # the copy went its own way (db has no endpoint here)
+
+
+async def test_a_tunnels_requests_follow_each_configuration_change() -> None:
+    """A tunnel keeps what applies to its requests (its Plan) between requests; a new route
+    table, state or tracer must reach the requests that follow on the same tunnel."""
+    import yaml
+
+    from meshway.config.model import HTTPRoute
+    from meshway.waypoint.messages import Body, Response
+    from meshway.waypoint.proxy import Downstream
+    from meshway.waypoint.routing import RouteTable
+
+    dp = datapath()
+
+    async def upstream(*_: object) -> Response:
+        return Response(200, [], Body.of(b"ok"))
+
+    dp.upstream.request = upstream  # type: ignore[method-assign]
+    dp.access_log_enabled = False
+    dest = dp.destination("10.96.0.10", 80)
+    assert dest is not None
+    down = Downstream(SpiffeId("cluster.local", "shop", "client"), "10.244.0.9", None, dest)
+
+    async def status() -> int:
+        response = await dp.serve(down, Request("GET", "/", "web", [], Body.of(b"")))
+        await response.body.read_all()
+        return response.status
+
+    assert await status() == 200
+    only_api = HTTPRoute.model_validate(
+        yaml.safe_load(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n"
+            "metadata: {name: web, namespace: shop}\n"
+            "spec:\n  parentRefs: [{group: '', kind: Service, name: web, port: 80}]\n"
+            "  rules: [{matches: [{path: {type: PathPrefix, value: /api}}],"
+            " backendRefs: [{name: web, port: 80}]}]"
+        )
+    )
+    dp.update(routes=RouteTable.build([only_api], "cluster.local"))
+    assert await status() == 404  # the same tunnel sees the new route table
+    dp.update(routes=RouteTable.build([], "cluster.local"))
+    assert await status() == 200
+
+    started: list[object] = []
+
+    class Tracer:
+        def destination(self, _: object) -> str:
+            return "traced"
+
+        def start(self, _down: object, _request: object, traced: object) -> None:
+            started.append(traced)
+
+    dp.tracer = Tracer()  # type: ignore[assignment]
+    assert await status() == 200 and started == ["traced"]
+    dp.tracer = None
+    assert await status() == 200 and started == ["traced"]

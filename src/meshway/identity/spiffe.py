@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 SPIFFE_SCHEME = "spiffe://"
 
@@ -61,12 +62,13 @@ class SpiffeId:
             "service account", self.service_account, _SERVICE_ACCOUNT_RE, _MAX_SERVICE_ACCOUNT
         )
 
-    @property
+    # Both forms are computed once per identity: the waypoint reads them for every request.
+    @cached_property
     def uri(self) -> str:
         """The SPIFFE ID as it appears in a certificate's URI SAN."""
         return f"{SPIFFE_SCHEME}{self.principal}"
 
-    @property
+    @cached_property
     def principal(self) -> str:
         """The scheme-less form Istio authorization policies use in `principals`."""
         return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"

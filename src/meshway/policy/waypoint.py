@@ -255,7 +255,14 @@ def _any_value_field(
 ) -> Check:
     """A multi-valued attribute (audiences, a list claim): one of its values must match."""
     match = _matcher(values)
-    return _negatable(lambda ctx: any(match(v) for v in get(ctx)), negate)
+
+    def any_value(ctx: RequestContext) -> bool:
+        for value in get(ctx):  # noqa: SIM110 (a loop: no generator per request)
+            if match(value):
+                return True
+        return False
+
+    return _negatable(any_value, negate)
 
 
 _CLAIM_PATH = re.compile(r"\[([^\[\]]+)\]")
@@ -362,6 +369,9 @@ class L7Rule:
     checks: tuple[Check, ...]
     # Attributes this waypoint cannot evaluate (the rule then fails closed).
     unevaluable: tuple[str, ...] = ()
+    # The rule cannot match a request without a verified JWT: one of its checks requires a
+    # request principal or a claim (`requestPrincipals`, a `when` on `request.auth.*`).
+    needs_auth: bool = False
 
     def matches(self, ctx: RequestContext) -> bool:
         for check in self.checks:  # noqa: SIM110 (a loop: cheaper than all() and a generator)
@@ -403,19 +413,32 @@ def _compile(data: bytes) -> L7Policy:
     for rule in policy.rules:
         unevaluable: list[str] = []
         sources = getattr(rule, "from")
-        checks = [
-            _compile_entries(sources, lambda s: _source_checks(s, policy.namespace), unevaluable),
-            _compile_entries(rule.to, _operation_checks, unevaluable),
-        ]
+        from_check = _compile_entries(
+            sources, lambda s: _source_checks(s, policy.namespace), unevaluable
+        )
+        # Every `from` entry requires a request principal (and each could be evaluated).
+        needs_auth = (
+            from_check is not None
+            and not unevaluable
+            and all(source.request_principals for source in sources)
+        )
+        checks = [from_check, _compile_entries(rule.to, _operation_checks, unevaluable)]
         for condition in rule.when:
             try:
                 checks.extend(_condition_checks(condition, policy.namespace))
             except _Unevaluable as exc:
                 unevaluable.append(str(exc))
+                continue
+            # A non-negated `request.auth.*` condition is false without a verified JWT.
+            needs_auth |= condition.key.startswith("request.auth.") and bool(condition.values)
         if unevaluable and policy.action == authorization_pb2.ALLOW:
             continue  # an ALLOW rule we cannot fully check never matches
         rules.append(
-            L7Rule(tuple(c for c in checks if c is not None), tuple(dict.fromkeys(unevaluable)))
+            L7Rule(
+                tuple(c for c in checks if c is not None),
+                tuple(dict.fromkeys(unevaluable)),
+                needs_auth,
+            )
         )
     return L7Policy(f"{policy.namespace}/{policy.name}", policy.action, tuple(rules))
 
@@ -432,6 +455,17 @@ class L7PolicySet:
     deny: tuple[L7Policy, ...] = ()
     allow: tuple[L7Policy, ...] = ()
     audit: tuple[L7Policy, ...] = ()
+    # The decision for every request without a verified JWT, when it is known without
+    # looking at the request: no ALLOW or CUSTOM policy, and no DENY or AUDIT rule that can
+    # match such a request (the common "deny on a claim" set). None: evaluate each request.
+    unauthenticated: Decision | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not self.custom and not self.allow:
+            policies = (*self.deny, *self.audit)
+            if all(rule.needs_auth for policy in policies for rule in policy.rules):
+                decision = Decision(True, None, "no ALLOW policy")
+                object.__setattr__(self, "unauthenticated", decision)
 
     @property
     def empty(self) -> bool:
@@ -446,6 +480,8 @@ class L7PolicySet:
         for policy in self.deny:
             if policy.matching_rule(ctx) is not None:
                 return Decision(False, policy.name, f"denied by {policy.name}")
+        if not self.audit and not self.allow:
+            return Decision(True, None, "no ALLOW policy")
         audited = [p.name for p in self.audit if p.matching_rule(ctx) is not None]
         if not self.allow:
             return Decision(True, None, "no ALLOW policy", audited)

@@ -31,6 +31,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -51,6 +52,7 @@ from meshway.policy.requestauth import (
 )
 from meshway.policy.waypoint import (
     DENIED_BODY,
+    L7PolicySet,
     RequestContext,
     WaypointPolicyIndex,
     normalize_target,
@@ -70,8 +72,14 @@ from meshway.waypoint.messages import (
     simple_response,
 )
 from meshway.waypoint.protocols import sniff
-from meshway.waypoint.ratelimit import Denial, RateLimiter, RateLimitIndex, StoreFailure
-from meshway.waypoint.routing import Mirror, RetryPolicy, RouteTable, Timeouts
+from meshway.waypoint.ratelimit import (
+    AppliedLimit,
+    Denial,
+    RateLimiter,
+    RateLimitIndex,
+    StoreFailure,
+)
+from meshway.waypoint.routing import Mirror, RetryPolicy, RouteTable, ServiceRoutes, Timeouts
 from meshway.waypoint.traffic import (
     Cluster,
     HashKey,
@@ -83,11 +91,10 @@ from meshway.waypoint.traffic import (
 from meshway.waypoint.upstream import DEFAULT_CONNECTION, Endpoint, UpstreamPool
 
 if TYPE_CHECKING:
-    from meshway.waypoint.tracing import RequestSpan, WaypointTracer
+    from meshway.waypoint.tracing import RequestSpan, TracedDestination, WaypointTracer
 
 log = logging.getLogger(__name__)
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_NO_POLICY = Decision(True, None, "no policy")
 
 SNIFF_TIMEOUT = 1.0
 # Request bodies up to this size are kept so that a retry can send them again.
@@ -155,6 +162,8 @@ class Downstream:
     report_cache: dict[tuple[str, int] | None, tuple[Endpoint | None, tuple[str, ...], str]] = (
         field(init=False, default_factory=dict)
     )
+    # What applies to this tunnel's requests (`WaypointDataPath._plan`).
+    plan: Plan | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.source_ip = ipaddress.ip_address(self.ip)
@@ -165,6 +174,20 @@ class Downstream:
             src.namespace if src is not None else "unknown",
             self.identity.uri,
         )
+
+
+@dataclass(slots=True)
+class Plan:
+    """What the configuration applies to one tunnel's requests (its destination, its client's
+    namespace), looked up once per configuration generation rather than once per request."""
+
+    generation: int
+    authenticator: Authenticator | None
+    policies: L7PolicySet
+    routes: ServiceRoutes | None
+    tracing: TracedDestination | None
+    # The RateLimitPolicy limits, by the route a request matched (None: no route).
+    limits: dict[str | None, tuple[AppliedLimit, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +222,8 @@ class Outcome:
     in_flight: InFlight | None = None
     # DI and/or FI when a fault was injected (`faults.py`), added to `flags` when reported.
     fault_flags: str = ""
+    # Its `x-request-id`, once the waypoint made sure it has one.
+    request_id: str | None = None
     # The request's span, when it is sampled (`tracing.py`).
     span: RequestSpan | None = None
 
@@ -234,10 +259,26 @@ class WaypointDataPath:
         # Endpoints by (service, port), rebuilt after every state change.
         self._endpoints: dict[tuple[str, int, str | None], list[Endpoint]] = {}
         self._services_by_name: dict[tuple[str, str], address_pb2.Service] | None = None
+        # `resolve`'s answers by (id(service), port, subset), with the Service they are for.
+        self._resolved: dict[
+            tuple[int, int, str | None],
+            tuple[address_pb2.Service, Cluster | None, list[Endpoint]],
+        ] = {}
         self._rand = random.random
         self._mirroring: set[asyncio.Future[None]] = set()
         # Request tracing (Telemetry), None when nothing is traced.
-        self.tracer: WaypointTracer | None = None
+        self._tracer: WaypointTracer | None = None
+        # Bumped by every change of configuration: tunnels' `Plan`s of older ones are stale.
+        self.generation = 0
+
+    @property
+    def tracer(self) -> WaypointTracer | None:
+        return self._tracer
+
+    @tracer.setter
+    def tracer(self, tracer: WaypointTracer | None) -> None:
+        self._tracer = tracer
+        self.generation += 1
 
     def update(
         self,
@@ -258,9 +299,48 @@ class WaypointDataPath:
             self.authn = authn
         self._endpoints = {}
         self._services_by_name = None
+        self._resolved = {}
         self.policies = WaypointPolicyIndex(
             self.state.policies.values(), self.gateway, self.root_namespace
         )
+        self.generation += 1
+
+    def _plan(self, down: Downstream) -> Plan:
+        """What applies to the requests of `down`'s tunnel under the current configuration."""
+        dest = down.destination
+        svc = dest.service
+        namespace, name = (
+            (svc.namespace, svc.name) if svc is not None else (dest.workload_namespace, "")
+        )
+        routes = (
+            self.routes.for_service(
+                namespace, name, dest.port, client_namespace=down.identity.namespace
+            )
+            if svc is not None
+            else None
+        )
+        plan = Plan(
+            self.generation,
+            None if self.authn.empty else self.authn.for_target(namespace, name),
+            self.policies.policy_set(namespace, name),
+            routes,
+            self._tracer.destination(dest) if self._tracer is not None else None,
+        )
+        down.plan = plan
+        return plan
+
+    def _limits(self, plan: Plan, dest: Destination, route: str | None) -> tuple[AppliedLimit, ...]:
+        """The rate limits for a request to `dest` that matched `route`, once per plan."""
+        try:
+            return plan.limits[route]
+        except KeyError:
+            svc = dest.service
+            assert svc is not None
+            routes = plan.routes
+            found = plan.limits[route] = self.ratelimits.lookup(
+                svc.namespace, svc.name, routes.kind if routes is not None else None, route
+            )
+            return found
 
     # -- tunnels ---------------------------------------------------------------------------
 
@@ -369,9 +449,12 @@ class WaypointDataPath:
         started = time.monotonic()
         outcome = Outcome()
         try:
-            if self.tracer is not None:
-                outcome.span = self.tracer.start(down, request)
-            response = await self._serve(down, request, outcome)
+            plan = down.plan
+            if plan is None or plan.generation != self.generation:
+                plan = self._plan(down)
+            if plan.tracing is not None and self._tracer is not None:
+                outcome.span = self._tracer.start(down, request, plan.tracing)
+            response = await self._serve(down, request, outcome, plan)
         except Exception as exc:
             log.exception("waypoint request failed")
             outcome.flags = "-"
@@ -388,36 +471,40 @@ class WaypointDataPath:
         self._track(down, request, response, outcome, started)
         return response
 
-    async def _serve(self, down: Downstream, request: Request, outcome: Outcome) -> Response:
+    async def _serve(
+        self, down: Downstream, request: Request, outcome: Outcome, plan: Plan
+    ) -> Response:
         dest = down.destination
         # Policy, routes and the backend all see the same, normalized path.
         request.path = normalize_target(request.path)
         # RequestAuthentication (JWT), then authorization with its request principal.
         auth: RequestAuth | None = None
-        authenticator = self._authenticator(dest)
+        authenticator = plan.authenticator
         if authenticator is not None and (found := authenticator.tokens(request)):
             result = await authenticator.authenticate(request, time.time(), found)
             if result.error is not None:
                 outcome.details = result.details
                 return _unauthenticated(request, result)
             auth = result.auth
-        decision = self._authorize(down, request, auth)
-        if not decision.allowed:
-            outcome.details = f"rbac_access_denied: {decision.reason}"
-            return simple_response(403, DENIED_BODY)
-        if request.header("x-request-id") is None:
-            request.headers.append(("x-request-id", request_id()))
+        policies = plan.policies
+        if not policies.empty:
+            decision = (auth is None and policies.unauthenticated) or self._authorize(
+                down, request, policies, auth
+            )
+            if not decision.allowed:
+                outcome.details = f"rbac_access_denied: {decision.reason}"
+                return simple_response(403, DENIED_BODY)
+        rid = request.header("x-request-id")
+        if rid is None:
+            rid = request_id()
+            request.headers.append(("x-request-id", rid))
+        outcome.request_id = rid
         timeouts: Timeouts | None = None
         retry: RetryPolicy | None = None
         target = Target(dest.service, dest.workload, dest.port)
         match = None
         if dest.service is not None:
-            routes = self.routes.for_service(
-                dest.service.namespace,
-                dest.service.name,
-                dest.port,
-                client_namespace=down.identity.namespace,
-            )
+            routes = plan.routes
             if routes is not None:
                 match = routes.match(request)
                 if match is None:
@@ -426,12 +513,7 @@ class WaypointDataPath:
                 outcome.route = match.route
             # RateLimitPolicy (ratelimit.py): after the route match, which a route's limits
             # need, and before anything is sent anywhere.
-            limits = self.ratelimits.lookup(
-                dest.service.namespace,
-                dest.service.name,
-                routes.kind if routes is not None else None,
-                outcome.route or None,
-            )
+            limits = self._limits(plan, dest, outcome.route or None)
             if limits:
                 limiter = self.ratelimiter
                 denial, taken, remote = limiter.take_local(limits, down.identity.uri, request)
@@ -474,7 +556,9 @@ class WaypointDataPath:
                 retry = match.rule.retry
                 mirrors = match.mirrors
                 if mirrors:
-                    await self._mirror(down, request, mirrors)
+                    chosen = [m for m in mirrors if m.fraction > 0 and self._rand() < m.fraction]
+                    if chosen:
+                        await self._mirror(down, request, chosen)
         response = await self._forward(down, request, target, timeouts, retry, outcome)
         if match is not None:
             match.apply_response_filters(response)
@@ -490,19 +574,14 @@ class WaypointDataPath:
             outcome.details = "fault_filter_abort"
         return answer
 
-    async def _mirror(
-        self, down: Downstream, request: Request, mirrors: tuple[Mirror, ...]
-    ) -> None:
-        """Send copies of `request` to the mirrors its draw picks, without waiting for them.
+    async def _mirror(self, down: Downstream, request: Request, chosen: Sequence[Mirror]) -> None:
+        """Send copies of `request` to the mirrors its draw picked, without waiting for them.
 
         A copy needs the whole body: one that has arrived, or one of a known length up to
         MIRROR_BODY (read here and handed to the request again); a request whose body is
         larger or still streaming in is not mirrored. As Envoy does, the copy's authority gets
         "-shadow" appended, and its response is dropped.
         """
-        chosen = [m for m in mirrors if m.fraction > 0 and self._rand() < m.fraction]
-        if not chosen:
-            return
         body = request.body
         size = body.length if body.length is not None else (body.buffered if body.ended else None)
         if size is None or size > MIRROR_BODY:
@@ -568,25 +647,11 @@ class WaypointDataPath:
             verdict.status, verdict.body, [("retry-after", str(verdict.retry_after))]
         )
 
-    def _authenticator(self, dest: Destination) -> Authenticator | None:
-        if self.authn.empty:
-            return None
-        svc = dest.service
-        if svc is not None:
-            return self.authn.for_target(svc.namespace, svc.name)
-        return self.authn.for_target(dest.workload_namespace, "")
-
+    @staticmethod
     def _authorize(
-        self, down: Downstream, request: Request, auth: RequestAuth | None = None
+        down: Downstream, request: Request, policy_set: L7PolicySet, auth: RequestAuth | None
     ) -> Decision:
         dest = down.destination
-        svc = dest.service
-        if svc is not None:
-            policy_set = self.policies.policy_set(svc.namespace, svc.name)
-        else:
-            policy_set = self.policies.policy_set(dest.workload_namespace, "")
-        if policy_set.empty:
-            return _NO_POLICY
         ctx = RequestContext(
             down.source_ip,
             down.identity,
@@ -644,16 +709,22 @@ class WaypointDataPath:
         service = target.service
         if service is None:
             return None, []
+        key = (id(service), target.port, target.subset)
+        found = self._resolved.get(key)
+        if found is not None and found[0] is service:
+            return found[1], found[2]
+        cluster: Cluster | None = None
+        candidates: list[Endpoint] = []
         policy = self.traffic.for_service(service.namespace, service.name)
         if policy is not None:
-            if target.subset is not None and target.subset not in policy.subsets:
-                return None, []
-            cluster = policy.cluster(target.port, target.subset)
-        elif target.subset is not None:
-            return None, []
-        else:
+            if target.subset is None or target.subset in policy.subsets:
+                cluster = policy.cluster(target.port, target.subset)
+        elif target.subset is None:
             cluster = self.traffic.default_cluster(service.namespace, service.name, target.port)
-        return cluster, self._candidates(service, target.port, target.subset, policy)
+        if cluster is not None:
+            candidates = self._candidates(service, target.port, target.subset, policy)
+        self._resolved[key] = (service, cluster, candidates)
+        return cluster, candidates
 
     def _candidates(
         self,
@@ -915,7 +986,11 @@ class WaypointDataPath:
                 path=request.path,
                 authority=request.authority,
                 response_code=status,
-                request_id=request.header("x-request-id"),
+                request_id=(
+                    outcome.request_id
+                    if outcome.request_id is not None
+                    else request.header("x-request-id")
+                ),
                 trace_id=_trace_id(request),
             )
         entry.update(
@@ -1086,10 +1161,13 @@ def _forwarded_for(headers: dict[str, str]) -> str | None:
 
 
 def _trace_id(request: Request) -> str | None:
-    """The W3C trace id of the request, or its B3 one."""
-    traceparent = request.header("traceparent")
-    if traceparent is not None:
-        parts = traceparent.split("-")
-        if len(parts) >= 4 and len(parts[1]) == 32:
-            return parts[1]
-    return request.header("x-b3-traceid")
+    """The W3C trace id of the request, or its B3 one (one pass over the headers)."""
+    b3: str | None = None
+    for key, value in request.headers:
+        if key == "traceparent":
+            parts = value.split("-")
+            if len(parts) >= 4 and len(parts[1]) == 32:
+                return parts[1]
+        elif key == "x-b3-traceid" and b3 is None:
+            b3 = value
+    return b3

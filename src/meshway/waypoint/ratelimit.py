@@ -95,10 +95,14 @@ class LocalBuckets:
             if len(buckets) >= self.max_keys:
                 self._evict(now)
         buckets[key] = bucket
-        tokens = bucket.refill(now, self.rate, self.capacity)
+        tokens = bucket.tokens  # `refill`, inlined: this runs for every request and limit
+        if now > bucket.stamp:
+            tokens = min(self.capacity, tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
         if tokens >= 1.0:
             bucket.tokens = tokens - 1.0
             return 0.0
+        bucket.tokens = tokens
         return (1.0 - tokens) / self.rate
 
     def give_back(self, key: str) -> None:

@@ -368,7 +368,10 @@ class CompiledRule:
     def pick(self, rand: Callable[[], float] = random.random) -> Backend | None:
         """A backend drawn by weight; None when the draw lands on an invalid backend or no
         backend has a positive weight."""
-        if not self._cumulative:
+        slots = self._slots
+        if len(slots) == 1:  # one backend (the common case) needs no draw
+            return slots[0]
+        if not slots:
             return None
         point = rand() * self._cumulative[-1]
         i = bisect.bisect_right(self._cumulative, point)

@@ -222,11 +222,13 @@ def inject(
     parent, and the B3 form the request came with (the incoming span as the parent span).
     `tracestate`, `baggage` and every other header stay as they are."""
     b3 = incoming.b3 if incoming is not None else B3_NONE
-    drop = _B3_HEADERS if b3 else None
-    if drop is not None or any(k == "traceparent" for k, _ in headers):
-        headers[:] = [
-            (k, v) for k, v in headers if k != "traceparent" and (drop is None or k not in drop)
-        ]
+    if b3:
+        headers[:] = [(k, v) for k, v in headers if k != "traceparent" and k not in _B3_HEADERS]
+    else:
+        for name, _ in headers:  # a loop, not any(): this runs for every request traced
+            if name == "traceparent":
+                headers[:] = [(k, v) for k, v in headers if k != "traceparent"]
+                break
     headers.append(("traceparent", traceparent(trace_id, span_id, sampled)))
     if not b3:
         return
@@ -469,7 +471,7 @@ class _Otel:
 
 
 @dataclass(slots=True)
-class _Destination:
+class TracedDestination:
     """A destination's settings and its tracer (None: propagate, report nothing)."""
 
     settings: SpanSettings
@@ -550,10 +552,12 @@ class WaypointTracer:
         self._node_id = node_id
         self._mesh_id = mesh_id
         self._rand = rand
-        self._cache: dict[tuple[str, str | None], _Destination | None] = {}
+        self._cache: dict[tuple[str, str | None], TracedDestination | None] = {}
         self._otel = _Otel() if tracers else None
 
-    def _for(self, dest: Destination) -> _Destination | None:
+    def destination(self, dest: Destination) -> TracedDestination | None:
+        """How requests to `dest` are traced; None when they are not (the data path keeps the
+        answer for the tunnel: see `WaypointDataPath._plan`)."""
         svc = dest.service
         key = (svc.namespace, svc.name) if svc is not None else (dest.workload_namespace, None)
         try:
@@ -561,19 +565,23 @@ class WaypointTracer:
         except KeyError:
             pass
         settings = self.config.settings(*key)
-        found: _Destination | None = None
+        found: TracedDestination | None = None
         if settings is not None and settings.provider in self._tracers:
             tracer = self._tracers[settings.provider] if settings.report else None
-            found = _Destination(settings, settings.percentage / 100.0, tracer)
+            found = TracedDestination(settings, settings.percentage / 100.0, tracer)
         if len(self._cache) < 4096:
             self._cache[key] = found
         return found
 
-    def start(self, down: Downstream, request: Request) -> RequestSpan | None:
-        """Extract, sample, start the span and rewrite the context for the upstream."""
-        dest = self._for(down.destination)
+    def start(
+        self, down: Downstream, request: Request, dest: TracedDestination | None = None
+    ) -> RequestSpan | None:
+        """Extract, sample, start the span and rewrite the context for the upstream (`dest`:
+        what `destination` says for the request's destination, when the caller has it)."""
         if dest is None:
-            return None
+            dest = self.destination(down.destination)
+            if dest is None:
+                return None
         headers = request.headers
         incoming = extract(headers)
         if incoming is not None and incoming.sampled is not None:
