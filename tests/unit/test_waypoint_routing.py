@@ -868,3 +868,62 @@ def test_grpc_request_header_modifier() -> None:
     req = grpc_request("/shop.Cart/Add")
     assert matched(routes, req).apply_request_filters(req) is None
     assert ("x-via", "waypoint") in req.headers
+
+
+def test_which_matches_need_no_look_at_the_request_and_which_chains_can_act() -> None:
+    """A rule matching everything is taken without reading the request, and a filter chain
+    that cannot act (0 % mirror, a fault that never fires) is skipped by the proxy: both are
+    worked out when routes are built, and must be right."""
+    table = build(
+        route(
+            f"""
+            {PARENT}
+            rules:
+            - matches: [{{path: {{type: PathPrefix, value: /}}}}]
+              filters:
+              - type: RequestMirror
+                requestMirror: {{backendRef: {{name: ratings, port: 9080}}, percent: 0}}
+              backendRefs: [{{name: reviews, port: 9080}}]
+            """,
+            name="quiet",
+        ),
+        route(
+            f"""
+            {PARENT}
+            rules:
+            - matches: [{{path: {{type: PathPrefix, value: /v2}}}}]
+              filters:
+              - type: RequestHeaderModifier
+                requestHeaderModifier: {{set: [{{name: x-v, value: "2"}}]}}
+              backendRefs: [{{name: reviews, port: 9080}}]
+            - matches: [{{headers: [{{name: x-canary, value: "1"}}]}}]
+              backendRefs:
+              - name: reviews
+                port: 9080
+                filters:
+                - type: RequestMirror
+                  requestMirror: {{backendRef: {{name: ratings, port: 9080}}, percent: 5}}
+            """,
+            name="busy",
+        ),
+    )
+    routes = reviews(table)
+    by_path = {req: matched(routes, request(*req)) for req in [("/",), ("/v2/x",)]}
+    canary = matched(routes, request("/", headers=[("x-canary", "1")]))
+    assert by_path[("/",)].route == "shop/quiet" and by_path[("/",)].rule.filters.passive
+    assert by_path[("/v2/x",)].route == "shop/busy"
+    assert not by_path[("/v2/x",)].rule.filters.passive  # a header modifier acts
+    assert canary.route == "shop/busy" and canary.rule.filters.passive
+    backend = canary.pick_backend()
+    assert backend is not None and not backend.filters.passive  # a 5 % mirror can fire
+    kinds = sorted(matcher.always for matcher, _, _ in routes._entries)
+    assert kinds == [False, False, True]  # only PathPrefix "/" with nothing else
+
+
+def test_a_fault_that_can_fire_makes_a_chain_act() -> None:
+    from meshway.waypoint.faults import Fault
+    from meshway.waypoint.routing import FilterChain
+
+    assert FilterChain(fault=Fault(delay=1.0, delay_fraction=0.0)).passive
+    assert not FilterChain(fault=Fault(delay=1.0, delay_fraction=0.1)).passive
+    assert not FilterChain(fault=Fault(abort_status=503, abort_fraction=0.3)).passive

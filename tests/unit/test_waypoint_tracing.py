@@ -36,6 +36,7 @@ from meshway.waypoint.tracing import (
     build_tracer,
     extract,
     inject,
+    new_unsampled_traceparent,
     parse_b3_multi,
     parse_b3_single,
     parse_traceparent,
@@ -718,3 +719,17 @@ def test_telemetry_of_namespaces_the_waypoint_does_not_serve_is_ignored() -> Non
     assert TracingConfig.build(objects, gateway, "istio-system").enabled  # served unknown
     mesh_wide = [mesh_config(), telemetry("t", "istio-system", tracing=provider)]
     assert TracingConfig.build(mesh_wide, gateway, "istio-system", served={"shop"}).enabled
+
+
+def test_a_new_unsampled_context_is_a_valid_traceparent_with_fresh_ids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = {new_unsampled_traceparent() for _ in range(200)}
+    assert len(values) == 200
+    for value in values:
+        parsed = parse_traceparent(value)
+        assert parsed is not None and parsed[2] is False and parsed[0] and parsed[1]
+    # All-zero ids are invalid (W3C): a draw that gives one is not used as it is.
+    monkeypatch.setattr("random.randbytes", lambda n: bytes(n))
+    parsed = parse_traceparent(new_unsampled_traceparent())
+    assert parsed is not None and parsed[0] != 0 and parsed[1] != 0

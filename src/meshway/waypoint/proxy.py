@@ -503,6 +503,7 @@ class WaypointDataPath:
         retry: RetryPolicy | None = None
         target = Target(dest.service, dest.workload, dest.port)
         match = None
+        passive = True  # the route's and backend's filter chains cannot act
         if dest.service is not None:
             routes = plan.routes
             if routes is not None:
@@ -525,42 +526,48 @@ class WaypointDataPath:
                     if limited is not None:
                         return limited
             if match is not None:
-                fault = match.fault
-                if fault is not None and fault.active:  # before the router's work, as Envoy's
-                    aborted = await self._inject_fault(fault, outcome)
-                    if aborted is not None:
-                        return aborted
-                redirect = match.apply_request_filters(request)
-                if redirect is not None:
-                    return redirect
+                rule = match.rule
+                # Chains that cannot act (no filter, no mirror or fault that can fire) are
+                # skipped whole: most routes only route.
+                if not rule.filters.passive:
+                    fault = rule.filters.fault
+                    if fault is not None and fault.active:  # before the router, as Envoy's
+                        aborted = await self._inject_fault(fault, outcome)
+                        if aborted is not None:
+                            return aborted
+                    redirect = match.apply_request_filters(request)
+                    if redirect is not None:
+                        return redirect
                 backend = match.pick_backend(self._rand)
                 if backend is None:
                     outcome.flags = "NR"
-                    if match.rule.grpc:
+                    if rule.grpc:
                         return grpc_error(14, "no valid backend")
                     return simple_response(500, "no valid backend\n")
-                fault = match.backend_fault
-                if fault is not None and fault.active:
-                    aborted = await self._inject_fault(fault, outcome)
-                    if aborted is not None:
-                        return aborted
-                rejected = match.apply_backend_filters(request)
-                if rejected is not None:
-                    return rejected
+                if not backend.filters.passive:
+                    fault = backend.filters.fault
+                    if fault is not None and fault.active:
+                        aborted = await self._inject_fault(fault, outcome)
+                        if aborted is not None:
+                            return aborted
+                    rejected = match.apply_backend_filters(request)
+                    if rejected is not None:
+                        return rejected
                 service = self._service(backend.namespace, backend.name)
                 if service is None:
                     outcome.flags = "UH"
                     return simple_response(500, f"backend {backend.name} not found\n")
                 target = Target(service, dest.workload, backend.port, backend.subset)
-                timeouts = match.rule.timeouts
-                retry = match.rule.retry
-                mirrors = match.mirrors
-                if mirrors:
-                    chosen = [m for m in mirrors if m.fraction > 0 and self._rand() < m.fraction]
+                timeouts = rule.timeouts
+                retry = rule.retry
+                passive = rule.filters.passive and backend.filters.passive
+                if not passive:
+                    rand = self._rand
+                    chosen = [m for m in match.mirrors if m.fraction > 0 and rand() < m.fraction]
                     if chosen:
                         await self._mirror(down, request, chosen)
         response = await self._forward(down, request, target, timeouts, retry, outcome)
-        if match is not None:
+        if match is not None and not passive:
             match.apply_response_filters(response)
         return response
 

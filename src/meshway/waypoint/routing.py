@@ -284,6 +284,18 @@ class FilterChain:
     response: HeaderModifier | None = None
     mirrors: tuple[Mirror, ...] = ()
     fault: Fault | None = None
+    # Nothing here can act on a request or its response (no filter, no mirror or fault that
+    # can fire): the proxy then skips the chain.
+    passive: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        passive = (
+            not self.request
+            and self.response is None
+            and not any(m.fraction > 0 for m in self.mirrors)
+            and (self.fault is None or not self.fault.active)
+        )
+        object.__setattr__(self, "passive", passive)
 
     def apply_request(self, request: Request, port: int) -> Response | None:
         for step in self.request:
@@ -420,7 +432,10 @@ class RequestView:
 
 
 class Matcher(Protocol):
-    """One match of a rule: whether a request satisfies it."""
+    """One match of a rule: whether a request satisfies it (`always`: any request does, so
+    that matching needs no view of the request)."""
+
+    always: bool
 
     def matches(self, view: RequestView) -> bool: ...
 
@@ -440,7 +455,7 @@ def _condition_ok(value: str | None, exact: str | None, regex: re.Pattern[str] |
 
 
 class _HTTPMatcher:
-    __slots__ = ("headers", "method", "params", "path_kind", "path_regex", "path_value")
+    __slots__ = ("always", "headers", "method", "params", "path_kind", "path_regex", "path_value")
 
     def __init__(self, match: HTTPRouteMatch) -> None:
         path = match.path
@@ -458,6 +473,13 @@ class _HTTPMatcher:
         self.method = match.method
         self.headers = _header_conditions(match.headers)
         self.params = _param_conditions(match.query_params)
+        self.always = (
+            self.path_kind == _PREFIX
+            and not self.path_value
+            and self.method is None
+            and not self.headers
+            and not self.params
+        )
 
     def matches(self, view: RequestView) -> bool:
         if self.method is not None and view.request.method != self.method:
@@ -494,13 +516,14 @@ class _HTTPMatcher:
 
 
 class _GRPCMatcher:
-    __slots__ = ("headers", "method", "service")
+    __slots__ = ("always", "headers", "method", "service")
 
     def __init__(self, match: GRPCRouteMatch) -> None:
         method: GRPCMethodMatch | None = match.method
         self.service = _name_condition(method, method.service if method else None)
         self.method = _name_condition(method, method.method if method else None)
         self.headers = _header_conditions(match.headers)
+        self.always = self.service is None and self.method is None and not self.headers
 
     def matches(self, view: RequestView) -> bool:
         if self.service is not None or self.method is not None:
@@ -664,10 +687,14 @@ class ServiceRoutes:
     def match(self, request: Request) -> RouteMatch | None:
         """The rule with the highest precedence that matches, or None (the caller answers
         404: GAMMA rejects what no attached route matches)."""
-        view = RequestView(request)
+        view: RequestView | None = None
         for matcher, route, rule in self._entries:
-            if matcher.matches(view):
-                return RouteMatch(route, rule, self.port)
+            if not matcher.always:
+                if view is None:
+                    view = RequestView(request)
+                if not matcher.matches(view):
+                    continue
+            return RouteMatch(route, rule, self.port)
         return None
 
     def __repr__(self) -> str:

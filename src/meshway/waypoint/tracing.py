@@ -222,16 +222,11 @@ def inject(
     parent, and the B3 form the request came with (the incoming span as the parent span).
     `tracestate`, `baggage` and every other header stay as they are."""
     b3 = incoming.b3 if incoming is not None else B3_NONE
-    if b3:
-        headers[:] = [(k, v) for k, v in headers if k != "traceparent" and k not in _B3_HEADERS]
-    else:
-        for name, _ in headers:  # a loop, not any(): this runs for every request traced
-            if name == "traceparent":
-                headers[:] = [(k, v) for k, v in headers if k != "traceparent"]
-                break
-    headers.append(("traceparent", traceparent(trace_id, span_id, sampled)))
     if not b3:
+        _set_traceparent(headers, traceparent(trace_id, span_id, sampled))
         return
+    headers[:] = [(k, v) for k, v in headers if k != "traceparent" and k not in _B3_HEADERS]
+    headers.append(("traceparent", traceparent(trace_id, span_id, sampled)))
     assert incoming is not None
     trace_hex = incoming.b3_trace_hex
     if not trace_hex or int(trace_hex, 16) != trace_id:
@@ -247,6 +242,29 @@ def inject(
         if parent:
             headers.append(("x-b3-parentspanid", parent))
         headers.append(("x-b3-sampled", flag))
+
+
+def _set_traceparent(headers: Headers, value: str) -> None:
+    """`traceparent: value`, in place of any the request had."""
+    for name, _ in headers:  # a loop, not any(): this runs for every request traced
+        if name == "traceparent":
+            headers[:] = [(k, v) for k, v in headers if k != "traceparent"]
+            break
+    headers.append(("traceparent", value))
+
+
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+
+
+def new_unsampled_traceparent() -> str:
+    """The `traceparent` of a new, unsampled trace: random ids from one draw of 24 bytes
+    (what most requests pay for tracing at the default 1 %; all-zero ids are invalid)."""
+    ids = random.randbytes(24).hex()
+    trace, span = ids[:32], ids[32:]
+    if trace == _ZERO_TRACE_ID or span == _ZERO_SPAN_ID:
+        return traceparent(new_trace_id(), new_span_id(), False)
+    return f"00-{trace}-{span}-00"
 
 
 def new_trace_id() -> int:
@@ -591,7 +609,7 @@ class WaypointTracer:
         has_parent = incoming is not None and incoming.trace_id != 0
         if not sampled:
             if incoming is None:  # a new trace, unsampled: the services behind follow
-                inject(headers, new_trace_id(), new_span_id(), False, None)
+                _set_traceparent(headers, new_unsampled_traceparent())
             return None
         if dest.tracer is None or self._otel is None:  # disableSpanReporting: propagate only
             trace_id = incoming.trace_id if incoming is not None and has_parent else 0

@@ -362,6 +362,7 @@ class _VSMatcher:
     """One `match` entry of an http route (None: everything); all its conditions must hold."""
 
     __slots__ = (
+        "always",
         "authority",
         "headers",
         "method",
@@ -381,6 +382,7 @@ class _VSMatcher:
         self.headers: tuple[tuple[str, _StringCondition], ...] = ()
         self.params: tuple[tuple[str, _StringCondition], ...] = ()
         self.without: tuple[tuple[str, _StringCondition], ...] = ()
+        self.always = match is None
         if match is None:
             return
         if match.source_labels or match.source_namespace:
