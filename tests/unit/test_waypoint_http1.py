@@ -220,6 +220,37 @@ async def test_client_reuses_a_kept_alive_connection() -> None:
         conn.close()
 
 
+async def test_responses_leave_no_reference_cycles_for_the_collector() -> None:
+    """Each response read must be freed by reference counting alone: a cycle per response
+    (the parser and its callbacks' object referring to each other) made the garbage collector
+    run every few dozen requests in a busy waypoint, at a cost of 10-20 µs per request."""
+    import gc
+
+    idle: list[H1ClientConnection] = []
+    async with http_server() as port:
+        conn = H1ClientConnection(await TcpStream.connect("127.0.0.1", port), idle.append)
+        for path in ("/x", "/chunked"):  # warm up: imports, caches
+            await (await conn.request(Request("GET", path, "svc"))).body.read_all()
+            await asyncio.sleep(0)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for i in range(20):
+                response = await conn.request(Request("GET", ("/x", "/chunked")[i % 2], "svc"))
+                await response.body.read_all()
+                await asyncio.sleep(0)
+            del response
+            gc.collect()
+            leaked = sorted(
+                {type(o).__qualname__ for o in gc.garbage if "waypoint" in type(o).__module__}
+            )
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        conn.close()
+    assert leaked == []
+
+
 async def test_websocket_upgrade_through_serve_h1() -> None:
     """serve_h1 in front of a real WebSocket server: the 101 and the frames pass through."""
     import aiohttp

@@ -420,3 +420,29 @@ def test_the_store_client_is_made_when_a_global_limit_is_configured_not_on_a_req
     assert store_url_error("unix:///run/redis.sock") is None
     with pytest.raises(ValueError, match="scheme"):
         RedisStore("memcached://127.0.0.1:11211")
+
+
+async def test_only_a_global_limit_of_a_served_namespace_makes_the_store_client() -> None:
+    """Every waypoint receives every namespace's RateLimitPolicies; another namespace's Global
+    limit must not load redis-py into this one (it cost every waypoint of the benchmark ~7 MB
+    of RSS), while one of its own makes the client before any request needs it."""
+    from meshway.waypoint.server import Waypoint, WaypointConfig
+
+    config = WaypointConfig("shop", "waypoint", "127.0.0.1:1", "t", b"", "node-1")
+    config.ratelimit_store = "redis://127.0.0.1:1/0"
+    waypoint = Waypoint(config)
+    try:
+        spec = "targetRefs: [{kind: Service, name: web}]\n"
+        spec += "limits: [{name: all, requests: 10, per: 1s, scope: Global}]\n"
+        billing = policy(spec, namespace="billing")
+        waypoint.datapath.update(ratelimits=RateLimitIndex.build([billing]))
+        assert waypoint.datapath.ratelimits.global_namespaces == {"billing"}
+        store = waypoint.ratelimit_store
+        assert store is not None
+        waypoint._prepare_ratelimit_store({"shop"})
+        assert store._redis is None  # billing's limit: nothing made, nothing imported
+        waypoint._prepare_ratelimit_store({"shop", "billing"})
+        assert store._redis is not None
+    finally:
+        await waypoint.xds.close()
+        await waypoint.ca.close()

@@ -442,8 +442,15 @@ async def copy_both_ways(a: ByteStream, b: ByteStream, a_leftover: bytes = b"") 
 
 
 class _ResponseParser:
+    """One response's head, body and trailers, from httptools' callbacks.
+
+    The httptools parser that calls these is *not* kept here: it holds bound methods of this
+    object, so an attribute back to it would make a reference cycle per response, which only
+    the garbage collector can free (in a busy waypoint that cycle alone made the collector
+    run every few dozen requests). The exchange holds both instead.
+    """
+
     def __init__(self, body_limit: int) -> None:
-        self.parser = httptools.HttpResponseParser(self)
         self.headers: Headers = []
         self.headers_done = False
         self.complete = False
@@ -529,18 +536,18 @@ class H1ClientConnection:
         except STREAM_ERRORS as exc:
             raise UpstreamError(f"upstream write failed: {exc}", connected=True) from exc
         try:
-            parse, data = await self._read_head(request, sender)
+            parse, parser, data = await self._read_head(request, sender)
         except BaseException:
             if sender is not None:
                 sender.cancel()
             raise
         response_body = parse.body
         assert response_body is not None
-        status = parse.parser.get_status_code()
-        keep_alive = parse.parser.should_keep_alive() or (
+        status = parser.get_status_code()
+        keep_alive = parser.should_keep_alive() or (
             parse.complete
             and "close" not in (_header(parse.headers, "connection") or "")
-            and parse.parser.get_http_version() == "1.1"
+            and parser.get_http_version() == "1.1"
         )
         response = Response(status, parse.headers, response_body)
         if status == 101 and request.upgrade is not None:
@@ -554,16 +561,19 @@ class H1ClientConnection:
         if parse.complete:
             self._finish(keep_alive and (sender is None or sender.done()), sender)
         else:
-            self._body_reader = asyncio.ensure_future(self._read_body(parse, response_body, sender))
+            self._body_reader = asyncio.ensure_future(
+                self._read_body(parse, parser, response_body, sender)
+            )
         return response
 
     async def _read_head(
         self, request: Request, sender: asyncio.Future[int] | None
-    ) -> tuple[_ResponseParser, bytes]:
+    ) -> tuple[_ResponseParser, httptools.HttpResponseParser, bytes]:
         data = self._leftover
         self._leftover = b""
         while True:
             parse = _ResponseParser(request.body.limit)
+            parser = httptools.HttpResponseParser(parse)
             while not parse.headers_done:
                 if not data:
                     if sender is not None and sender.done() and sender.exception() is not None:
@@ -575,7 +585,7 @@ class H1ClientConnection:
                     if not data:
                         raise UpstreamError("upstream closed the connection", connected=True)
                 try:
-                    parse.parser.feed_data(data)
+                    parser.feed_data(data)
                     data = b""
                 except httptools.HttpParserUpgrade as upgrade:
                     data = data[upgrade.args[0] :]
@@ -583,13 +593,17 @@ class H1ClientConnection:
                     raise UpstreamError(
                         f"malformed upstream response: {exc}", connected=True
                     ) from exc
-            status = parse.parser.get_status_code()
+            status = parser.get_status_code()
             if 100 <= status < 200 and status != 101:
                 continue  # 100 Continue and other interim responses are not forwarded
-            return parse, data
+            return parse, parser, data
 
     async def _read_body(
-        self, parse: _ResponseParser, body: Body, sender: asyncio.Future[int] | None
+        self,
+        parse: _ResponseParser,
+        parser: httptools.HttpResponseParser,
+        body: Body,
+        sender: asyncio.Future[int] | None,
     ) -> None:
         try:
             while not parse.complete:
@@ -607,14 +621,14 @@ class H1ClientConnection:
                         self.close()
                         return
                     raise BodyError("upstream closed the connection mid-body")
-                parse.parser.feed_data(data)
+                parser.feed_data(data)
         except _PARSE_BODY_OR_STREAM as exc:
             body.fail(exc if isinstance(exc, BodyError) else BodyError(str(exc)))
             self.close()
             if sender is not None:
                 sender.cancel()
             return
-        keep_alive = parse.parser.should_keep_alive() or (
+        keep_alive = parser.should_keep_alive() or (
             "close" not in (_header(parse.headers, "connection") or "")
         )
         self._finish(keep_alive, sender)

@@ -210,13 +210,15 @@ class RateLimitIndex:
     """The limits of every RateLimitPolicy by the Service or route they target; immutable
     once built."""
 
-    __slots__ = ("_by_route", "_by_service", "_idents", "has_global")
+    __slots__ = ("_by_route", "_by_service", "_idents", "global_namespaces")
 
     def __init__(self) -> None:
         self._by_service: dict[tuple[str, str], tuple[AppliedLimit, ...]] = {}
         self._by_route: dict[tuple[str, str], tuple[AppliedLimit, ...]] = {}
         self._idents: dict[tuple[object, ...], AppliedLimit] = {}
-        self.has_global = False
+        # The namespaces of the policies with a Global limit (a waypoint needs the store
+        # only when one of them is a namespace it serves).
+        self.global_namespaces: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -245,7 +247,8 @@ class RateLimitIndex:
                 for limit in policy.spec.limits:
                     applied = _applied(policy, limit, target, old)
                     index._idents[applied.ident] = applied
-                    index.has_global |= applied.scope == "Global"
+                    if applied.scope == "Global":
+                        index.global_namespaces |= {ns}
                     slot.append(applied)
         index._by_service = {k: tuple(v) for k, v in by_service.items()}
         index._by_route = {k: tuple(v) for k, v in by_route.items()}

@@ -118,6 +118,7 @@ class Waypoint:
         )
         self.ready = asyncio.Event()
         self._routes_changed = False
+        self._warned_no_store = False
         self.xds.subscribe(self._on_update)
 
     # -- NodeAdmin's view ------------------------------------------------------------------
@@ -163,7 +164,25 @@ class Waypoint:
         own = self.state.workloads.get(f"{self.config.namespace}/{self.config.name}")
         if own is not None and own.trust_domain and own.trust_domain != self.identity.trust_domain:
             self.identity = SpiffeId(own.trust_domain, self.config.namespace, self.config.name)
-        self._update_tracing()
+        served = self._served_namespaces()
+        self._update_tracing(served)
+        self._prepare_ratelimit_store(served)
+
+    def _prepare_ratelimit_store(self, served: set[str]) -> None:
+        """Make the store's client (importing redis-py) as soon as a Global limit applies to
+        a namespace this waypoint serves, so that the first request it checks does not wait
+        for the import; and only then: every waypoint receives every namespace's policies,
+        and redis-py costs a waypoint ~7 MB."""
+        if not self.datapath.ratelimits.global_namespaces & served:
+            return
+        if self.ratelimit_store is not None:
+            self.ratelimit_store.prepare()
+        elif not self._warned_no_store:
+            self._warned_no_store = True
+            log.warning(
+                "Global rate limits apply but no store is configured (--ratelimit-store or "
+                "MESHWAY_RATELIMIT_STORE): they take their policies' failureMode"
+            )
 
     def _served_namespaces(self) -> set[str]:
         """The namespaces of the Services and workloads that use this waypoint."""
@@ -172,7 +191,7 @@ class Waypoint:
         served |= {w.namespace for w in self.state.workloads.values() if w.waypoint.service == mine}
         return served
 
-    def _update_tracing(self) -> None:
+    def _update_tracing(self, served: set[str]) -> None:
         """Tracing from the Telemetry and MeshConfig resources; again after every update,
         since a provider's Service (and so its address) arrives as state too."""
         try:
@@ -184,7 +203,7 @@ class Waypoint:
                 self.tracing,
                 node_id=f"waypoint~{self.config.namespace}/{self.config.name}",
                 mesh_id=self.identity.trust_domain,
-                served=self._served_namespaces(),
+                served=served,
             )
         except Exception:  # telemetry must not stop the xDS stream or the data path
             log.exception("tracing configuration not applied")
@@ -201,13 +220,6 @@ class Waypoint:
         ratelimits = RateLimitIndex.build(
             by_kind.get("RateLimitPolicy", []), self.datapath.ratelimits
         )
-        if ratelimits.has_global and self.ratelimit_store is None:
-            log.warning(
-                "Global rate limits apply but no store is configured (--ratelimit-store or "
-                "MESHWAY_RATELIMIT_STORE): they take their policies' failureMode"
-            )
-        elif ratelimits.has_global and self.ratelimit_store is not None:
-            self.ratelimit_store.prepare()  # redis-py loaded now, not on a request
         self.jwks.begin()
         authn = RequestAuthIndex(
             by_kind.get("RequestAuthentication", []),
