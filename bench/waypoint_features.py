@@ -293,6 +293,13 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def paired(rounds: list[dict[str, Any]], ns: str, key: str) -> float | None:
+    """The median over rounds of `ns` / bare within each round: the runs of one round are
+    back to back, so this cancels the machine's drift between rounds."""
+    ratios = [r[ns][key] / r["bare"][key] for r in rounds if r["bare"][key]]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
 def report(result: dict[str, Any]) -> str:
     s, r = result["summary"], result["ratio"]
     rows = [
@@ -313,7 +320,9 @@ def report(result: dict[str, Any]) -> str:
         "| ratio | value | target |",
         "|---|---|---|",
         f"| requests/s, configured / bare | {r['rps']} | >= {TARGET_RATIO} |",
+        f"| the same, median of the rounds' own ratios | {r['rps_paired']} | |",
         f"| waypoint CPU per request, configured / bare | {r['cpu_per_request']} | |",
+        f"| the same, median of the rounds' own ratios | {r['cpu_per_request_paired']} | |",
         f"| requests/s, configured + Global limit / bare | {r['global_rps']} | |",
         f"| waypoint CPU per request, configured + Global limit / bare "
         f"| {r['global_cpu_per_request']} | |",
@@ -377,6 +386,8 @@ def main() -> int:
             "cpu_per_request": ratio(
                 full["waypoint_cpu_s_per_1000_req"], bare["waypoint_cpu_s_per_1000_req"]
             ),
+            "rps_paired": paired(rounds, "full", "rps"),
+            "cpu_per_request_paired": paired(rounds, "full", "waypoint_cpu_s_per_1000_req"),
             "global_rps": ratio(summary["global"]["rps"], bare["rps"]),
             "global_cpu_per_request": ratio(
                 summary["global"]["waypoint_cpu_s_per_1000_req"],

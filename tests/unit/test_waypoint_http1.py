@@ -312,3 +312,18 @@ async def test_copy_both_ways_half_closes() -> None:
 )
 def test_sniff(first: bytes, kind: str) -> None:
     assert sniff(first) == kind
+
+
+def test_the_waypoint_settles_its_heap_before_serving() -> None:
+    """What is loaded at start is frozen and young collections are rarer (in a subprocess:
+    the collector's settings are the whole process's)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from meshway.waypoint.server import settle_heap, YOUNG_GC_THRESHOLD;"
+        "before = gc.get_freeze_count(); settle_heap();"
+        "print(gc.get_freeze_count() > before + 1000, gc.get_threshold()[0] == YOUNG_GC_THRESHOLD)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import socket
@@ -293,6 +294,7 @@ class Waypoint:
             self.certs.retain({self.identity})
             tg.create_task(self.certs.run())
             self.server = HboneServer(listener, self._creds, self.datapath.handle_tunnel)
+            settle_heap()
             self.ready.set()
             log.info(
                 "waypoint %s/%s serving HBONE on %s as %s",
@@ -328,6 +330,28 @@ def _route_model(message: route_pb2.Route) -> Any:
     from meshway.config.model import KINDS
 
     return KINDS[message.kind].model_validate(json.loads(message.resource_json))
+
+
+# Net allocations of tracked objects between two young collections (CPython: 700).
+YOUNG_GC_THRESHOLD = 10_000
+
+
+def settle_heap() -> None:
+    """Tune the garbage collector for a proxy, once its configuration is loaded and before it
+    serves.
+
+    A request's objects are in flight across many collections at 50 concurrent requests, so
+    with CPython's defaults a young collection ran every few dozen requests and promoted the
+    requests in flight, and a full collection walked the whole heap (70-80 thousand objects,
+    30-50 ms) every few thousand requests: 7-14 µs of every request's CPU. What was loaded at
+    start is frozen (never walked again; still freed by reference counting), and young
+    collections run after 10,000 net allocations instead of 700. The request path leaves no
+    cyclic garbage (tests/unit/test_waypoint_http1.py), so little waits for the collector.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, middle, old)
 
 
 async def run_waypoint(config: WaypointConfig) -> None:
