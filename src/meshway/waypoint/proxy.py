@@ -79,7 +79,14 @@ from meshway.waypoint.ratelimit import (
     RateLimitIndex,
     StoreFailure,
 )
-from meshway.waypoint.routing import Mirror, RetryPolicy, RouteTable, ServiceRoutes, Timeouts
+from meshway.waypoint.routing import (
+    FilterChain,
+    Mirror,
+    RetryPolicy,
+    RouteTable,
+    ServiceRoutes,
+    Timeouts,
+)
 from meshway.waypoint.traffic import (
     Cluster,
     HashKey,
@@ -530,29 +537,19 @@ class WaypointDataPath:
                 # Chains that cannot act (no filter, no mirror or fault that can fire) are
                 # skipped whole: most routes only route.
                 if not rule.filters.passive:
-                    fault = rule.filters.fault
-                    if fault is not None and fault.active:  # before the router, as Envoy's
-                        aborted = await self._inject_fault(fault, outcome)
-                        if aborted is not None:
-                            return aborted
-                    redirect = match.apply_request_filters(request)
-                    if redirect is not None:
-                        return redirect
+                    answer = await self._apply_chain(rule.filters, request, match.port, outcome)
+                    if answer is not None:
+                        return answer
                 backend = match.pick_backend(self._rand)
                 if backend is None:
                     outcome.flags = "NR"
                     if rule.grpc:
                         return grpc_error(14, "no valid backend")
                     return simple_response(500, "no valid backend\n")
-                if not backend.filters.passive:
-                    fault = backend.filters.fault
-                    if fault is not None and fault.active:
-                        aborted = await self._inject_fault(fault, outcome)
-                        if aborted is not None:
-                            return aborted
-                    rejected = match.apply_backend_filters(request)
-                    if rejected is not None:
-                        return rejected
+                if not backend.filters.passive:  # the picked backend's own filters
+                    answer = await self._apply_chain(backend.filters, request, match.port, outcome)
+                    if answer is not None:
+                        return answer
                 service = self._service(backend.namespace, backend.name)
                 if service is None:
                     outcome.flags = "UH"
@@ -570,6 +567,18 @@ class WaypointDataPath:
         if match is not None and not passive:
             match.apply_response_filters(response)
         return response
+
+    async def _apply_chain(
+        self, chain: FilterChain, request: Request, port: int, outcome: Outcome
+    ) -> Response | None:
+        """A route rule's or a backend's filters: its fault first (before the router's work,
+        as Envoy's fault filter), then its request filters; an answer ends the request."""
+        fault = chain.fault
+        if fault is not None and fault.active:
+            aborted = await self._inject_fault(fault, outcome)
+            if aborted is not None:
+                return aborted
+        return chain.apply_request(request, port)
 
     async def _inject_fault(self, fault: Fault, outcome: Outcome) -> Response | None:
         """A route's fault: its delay (not counted in the route's timeout, which starts in
