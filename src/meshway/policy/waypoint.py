@@ -480,8 +480,6 @@ class L7PolicySet:
         for policy in self.deny:
             if policy.matching_rule(ctx) is not None:
                 return Decision(False, policy.name, f"denied by {policy.name}")
-        if not self.audit and not self.allow:
-            return Decision(True, None, "no ALLOW policy")
         audited = [p.name for p in self.audit if p.matching_rule(ctx) is not None]
         if not self.allow:
             return Decision(True, None, "no ALLOW policy", audited)

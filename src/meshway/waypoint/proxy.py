@@ -263,8 +263,6 @@ class WaypointDataPath:
         self.traffic = TrafficPolicies.build([])
         self.ratelimits = RateLimitIndex()
         self.ratelimiter = RateLimiter(None)
-        # Endpoints by (service, port), rebuilt after every state change.
-        self._endpoints: dict[tuple[str, int, str | None], list[Endpoint]] = {}
         self._services_by_name: dict[tuple[str, str], address_pb2.Service] | None = None
         # `resolve`'s answers by (id(service), port, subset), with the Service they are for.
         self._resolved: dict[
@@ -304,7 +302,6 @@ class WaypointDataPath:
             self.ratelimits = ratelimits
         if authn is not None:
             self.authn = authn
-        self._endpoints = {}
         self._services_by_name = None
         self._resolved = {}
         self.policies = WaypointPolicyIndex(
@@ -749,26 +746,19 @@ class WaypointDataPath:
         subset: str | None,
         policy: ServicePolicy | None,
     ) -> list[Endpoint]:
-        """The service's endpoints for `port` (of `subset`), cached until the next update."""
+        """The service's endpoints for `port` (of `subset`); `resolve` keeps them until the
+        next update."""
         key = f"{service.namespace}/{service.hostname}"
-        candidates = self._endpoints.get((key, port, subset))
-        if candidates is None:
-            if subset is None:
-                candidates = [
-                    Endpoint(wl, ip_text(wl.addresses[0]), target, workload_identity(wl).uri)
-                    for wl, service_port, target in self.state.indexes.endpoints.get(key, [])
-                    if service_port == port and wl.addresses
-                ]
-            else:
-                assert policy is not None  # `resolve` checked that the subset is defined
-                chosen = policy.subsets[subset]
-                candidates = [
-                    e
-                    for e in self._candidates(service, port, None, policy)
-                    if chosen.selects(e.workload.labels)
-                ]
-            self._endpoints[(key, port, subset)] = candidates
-        return candidates
+        candidates = [
+            Endpoint(wl, ip_text(wl.addresses[0]), target, workload_identity(wl).uri)
+            for wl, service_port, target in self.state.indexes.endpoints.get(key, [])
+            if service_port == port and wl.addresses
+        ]
+        if subset is None:
+            return candidates
+        assert policy is not None  # `resolve` checked that the subset is defined
+        chosen = policy.subsets[subset]
+        return [e for e in candidates if chosen.selects(e.workload.labels)]
 
     def _started(self, endpoint: Endpoint, limiter: Limiter | None = None) -> InFlight:
         """A request (or a TCP connection) to `endpoint` begins (for LEAST_REQUEST; its

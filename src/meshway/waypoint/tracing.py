@@ -592,14 +592,10 @@ class WaypointTracer:
         return found
 
     def start(
-        self, down: Downstream, request: Request, dest: TracedDestination | None = None
+        self, down: Downstream, request: Request, dest: TracedDestination
     ) -> RequestSpan | None:
         """Extract, sample, start the span and rewrite the context for the upstream (`dest`:
-        what `destination` says for the request's destination, when the caller has it)."""
-        if dest is None:
-            dest = self.destination(down.destination)
-            if dest is None:
-                return None
+        what `destination` said for the request's destination)."""
         headers = request.headers
         incoming = extract(headers)
         if incoming is not None and incoming.sampled is not None:
